@@ -1,0 +1,240 @@
+"""The validated configuration: YAML under `search_spaces/` + `--set key=value` overrides -> typed objects.
+
+Every section forbids unknown keys, so a typo fails at load time with the field's dotted name, before Ray starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """Bad configuration: the message names the field and how to fix it."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrackingConfig(Section):
+    uri: Optional[str] = None  # default: sqlite file in output_dir; MLFLOW_TRACKING_URI overrides
+    experiment: str = "ant_ray"
+
+
+class RayConfig(Section):
+    address: Optional[str] = None  # None: RAY_ADDRESS if set, else a private local instance
+    num_cpus: Optional[int] = Field(None, ge=1)  # logical CPUs of the private local instance
+
+
+class DataConfig(Section):
+    dataset: Literal["digits", "cifar10", "image-folder"] = "digits"
+    path: Optional[str] = None
+    resolution: int = Field(8, ge=4)
+    channels: Literal[1, 3] = 1
+    limit: Optional[int] = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _path_needed(self) -> "DataConfig":
+        if self.dataset != "digits" and not self.path:
+            raise ValueError(f"data.path is required for dataset {self.dataset!r} (digits ships with scikit-learn)")
+        return self
+
+
+class DiffusionConfig(Section):
+    schedule: Literal["linear", "cosine"] = "linear"
+    T: int = Field(1000, ge=2)
+    prediction: Literal["epsilon", "v", "x0"] = "epsilon"
+
+
+class ModelConfig(Section):
+    base: str = "tiny"  # a preset (tiny, small, ddpm-cifar10) or a local diffusers UNet2DModel folder
+
+
+class WeightingConfig(Section):
+    name: str = "uniform"
+    options: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known(self) -> "WeightingConfig":
+        from ant_ray.diffusion.weightings import build_weighting
+
+        build_weighting(self.name, **self.options)  # raises naming the weighting and its options
+        return self
+
+
+class SamplerConfig(Section):
+    name: Literal["ddim", "ddpm"] = "ddim"
+    steps: int = Field(50, ge=1)
+    eta: float = Field(0.0, ge=0.0, le=1.0)
+
+
+class FIDConfig(Section):
+    extractor: Literal["domain", "inception"] = "domain"
+    num_samples: int = Field(5000, ge=2)
+    batch_size: int = Field(500, ge=1)
+    seed: int = 1234
+
+
+class ResourcesConfig(Section):
+    """Resources per Ray Train worker (or per trial): declared, never assumed."""
+    cpu: float = Field(1.0, gt=0)
+    gpu: float = Field(0.0, ge=0)
+    num_workers: int = Field(1, ge=0)  # 0: Ray Train's in-process local mode (tests)
+
+    @field_validator("gpu")
+    @classmethod
+    def _whole_gpus(cls, v: float) -> float:
+        if v not in (0, 1) and v != int(v):
+            raise ValueError("fractional GPUs per worker break NCCL ('Duplicate GPU detected'); use 0 or 1")
+        return v
+
+
+class TrainConfig(Section):
+    steps: int = Field(1000, ge=1)
+    batch_size: int = Field(128, ge=1)  # global batch, split across workers
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: Optional[float] = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    grad_accumulation: int = Field(1, ge=1)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    weighting: WeightingConfig = WeightingConfig()
+    checkpoint_every: int = Field(500, ge=1)
+    log_every: int = Field(50, ge=1)
+    resources: ResourcesConfig = ResourcesConfig()
+
+
+class FinetuneConfig(TrainConfig):
+    num_specialists: int = Field(2, ge=1)
+    ranges: Optional[list[tuple[int, int]]] = None  # default: N equal ranges of [0, T)
+    p: float = Field(0.1, ge=0, le=1)  # probability a batch's timesteps come from all of [0, T) (DeMe Eq. 6)
+    consistency_weight: float = Field(1.0, ge=0)  # lambda (DeMe Eq. 5)
+    lr: float = Field(1e-4, gt=0)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "FinetuneConfig":
+        if self.ranges is not None:
+            if len(self.ranges) != self.num_specialists:
+                raise ValueError(f"finetune.ranges has {len(self.ranges)} ranges but finetune.num_specialists is "
+                                 f"{self.num_specialists}")
+            for (a, b), (c, _) in zip(self.ranges, self.ranges[1:] + [(None, None)]):
+                if not a < b or (c is not None and b != c):
+                    raise ValueError(f"finetune.ranges must be contiguous half-open [start, end) pairs, got "
+                                     f"{self.ranges}")
+        return self
+
+
+class MergeSearchConfig(Section):
+    method: Literal["linear", "ties"] = "linear"
+    searcher: Literal["optuna", "grid"] = "optuna"
+    num_trials: int = Field(16, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    weight_low: float = 0.0
+    weight_high: float = 1.5
+    grid_step: float = Field(0.25, gt=0)
+    resources: ResourcesConfig = ResourcesConfig()
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "MergeSearchConfig":
+        if not self.weight_low < self.weight_high:
+            raise ValueError("merge_search.weight_low must be < merge_search.weight_high")
+        return self
+
+
+class PipelineConfig(Section):
+    name: str = "ant_ray"
+    seed: int = 0
+    output_dir: str = "ant_ray_runs"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+    data: DataConfig = DataConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    model: ModelConfig = ModelConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    fid: FIDConfig = FIDConfig()
+    pretrain: TrainConfig = TrainConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    merge_search: MergeSearchConfig = MergeSearchConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "PipelineConfig":
+        T = self.diffusion.T
+        if self.sampler.steps > T:
+            raise ValueError(f"sampler.steps ({self.sampler.steps}) cannot exceed diffusion.T ({T})")
+        if self.finetune.num_specialists > T:
+            raise ValueError(f"finetune.num_specialists ({self.finetune.num_specialists}) cannot exceed diffusion.T")
+        if self.finetune.ranges is not None and (self.finetune.ranges[0][0] != 0 or self.finetune.ranges[-1][1] != T):
+            raise ValueError(f"finetune.ranges must cover [0, {T}) exactly, got {self.finetune.ranges}")
+        return self
+
+    def specialist_ranges(self) -> list[tuple[int, int]]:
+        if self.finetune.ranges is not None:
+            return [tuple(r) for r in self.finetune.ranges]
+        n, T = self.finetune.num_specialists, self.diffusion.T
+        return [(i * T // n, (i + 1) * T // n) for i in range(n)]
+
+    def output_path(self) -> Path:
+        return Path(self.output_dir).expanduser().resolve()
+
+    def tracking_uri(self) -> str:
+        return (os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.uri
+                or f"sqlite:///{self.output_path() / 'mlflow.db'}")
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, creating sections as needed."""
+    raw = dict(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r} (e.g. --set pretrain.steps=200)")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            child = node.get(part)
+            node[part] = dict(child) if isinstance(child, dict) else {}
+            node = node[part]
+        node[parts[-1]] = _parse_value(value)
+    return raw
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field; check the spelling against search_spaces/README.md"
+        lines.append(f"  {field}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                **updates: Any) -> PipelineConfig:
+    """Load a YAML config (or the defaults when path is None), apply overrides, validate."""
+    raw: dict = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist (the shipped ones are in search_spaces/)")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a YAML mapping at the top level")
+        source = str(path)
+    raw = apply_overrides(raw, list(overrides or []))
+    raw.update(updates)
+    try:
+        return PipelineConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None

@@ -1,0 +1,194 @@
+"""The main job: pretrain -> N DeMe specialists in parallel -> merge-weight search -> summary table.
+
+Each stage is an MLflow child run of one pipeline run; every artifact lives under one run directory whose path is
+recorded in MLflow (`ant_ray.run_dir`), so nothing depends on the current working directory.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import ray
+
+from ant_ray.config import PipelineConfig
+from ant_ray.diffusion import build_model, load_model, model_denoiser, routed_denoiser, save_model
+from ant_ray.evaluation import FIDScorer, load_reference_dataset, metric_name
+from ant_ray.merge import TaskVectorMerger, load_task_vector, save_task_vector, state_dict_fingerprint
+from ant_ray.search.merge_search import search_merge_weights
+from ant_ray.search.ray_runtime import start_ray
+from ant_ray.search.training_runs import finetune_specialists, pretrained_model
+from ant_ray.tracking import TrackedRun, setup_experiment, tracking_env, ui_command
+
+
+@dataclass
+class PipelineResult:
+    metric: str
+    run_dir: Path
+    tracking_uri: str
+    pipeline_run_id: str
+    scores: dict[str, float] = field(default_factory=dict)
+    ranges: list[tuple[int, int]] = field(default_factory=list)
+    best_weights: list[float] = field(default_factory=list)
+    merge_trials: int = 0
+    seconds: float = 0.0
+
+    def table(self) -> str:
+        rows = [("model", self.metric)] + [(k, f"{v:.3f}") for k, v in self.scores.items()]
+        width = max(len(r[0]) for r in rows) + 2
+        lines = [f"{a:<{width}}{b}" for a, b in rows]
+        lines.insert(1, "-" * (width + len(self.metric)))
+        lines += ["", f"best merge weights: {', '.join(f'{w:.3f}' for w in self.best_weights)} "
+                      f"({self.merge_trials} trials)",
+                  f"specialist ranges: {self.ranges}",
+                  f"run directory: {self.run_dir}",
+                  f"finished in {self.seconds / 60:.1f} min",
+                  f"MLflow UI: {ui_command(self.tracking_uri)}"]
+        return "\n".join(lines)
+
+
+def _metric_key(label: str) -> str:
+    """'specialist 0 [0, 500]' -> 'specialist_0': MLflow metric names allow few characters."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", label.split(" [")[0].split(" (")[0]).strip("_")
+
+
+def _log(message: str) -> None:
+    print(f"[ant_ray] {message}", flush=True)
+
+
+@ray.remote(num_cpus=0)
+def _score_remote(cfg_dump: dict, cache_dir: str, model_dirs: list[str], ranges: list[list[int]] | None) -> float:
+    """FID of one model, or of DeMe's routed ensemble when several models and their ranges are given."""
+    cfg = PipelineConfig.model_validate(cfg_dump)
+    scorer = FIDScorer(cfg, Path(cache_dir))
+    models = [load_model(d).to(scorer.device).eval() for d in model_dirs]
+    denoisers = [model_denoiser(m) for m in models]
+    denoiser = denoisers[0] if ranges is None else routed_denoiser([tuple(r) for r in ranges], denoisers)
+    return scorer.score(denoiser)
+
+
+def _score_options(cfg: PipelineConfig) -> dict:
+    r = cfg.merge_search.resources
+    return {"num_cpus": r.cpu, "num_gpus": r.gpu}
+
+
+def check_inputs(cfg: PipelineConfig) -> None:
+    """Fail on bad input before any expensive work: the dataset loads, the base model builds, FID can be set up."""
+    data = load_reference_dataset(cfg)
+    build_model(cfg.model.base, resolution=cfg.data.resolution, channels=cfg.data.channels)
+    if cfg.pretrain.batch_size > len(data) or cfg.finetune.batch_size > len(data):
+        raise ValueError(f"pretrain.batch_size / finetune.batch_size must not exceed the dataset size ({len(data)})")
+    if cfg.fid.extractor == "inception":
+        from ant_ray.fid import ensure_inception_weights
+
+        ensure_inception_weights()
+
+
+def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
+    started = time.time()
+    check_inputs(cfg)
+    out = cfg.output_path()
+    cache_dir = out / "cache" / "fid"
+    run_key = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = out / "runs" / f"{cfg.name}-{run_key}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+
+    uri = cfg.tracking_uri()
+    experiment_id = setup_experiment(uri, cfg.tracking.experiment, out / "mlartifacts")
+    pipeline = TrackedRun.start(uri, experiment_id, f"{cfg.name}-{run_key}",
+                                tags={"ant_ray.stage": "pipeline", "ant_ray.run_dir": str(run_dir)})
+    pipeline.log_params(cfg.model_dump(mode="json"))
+    result = PipelineResult(metric=metric_name(cfg), run_dir=run_dir, tracking_uri=uri,
+                            pipeline_run_id=pipeline.run_id, ranges=cfg.specialist_ranges())
+
+    def child(name: str, stage: str) -> TrackedRun:
+        return TrackedRun.start(uri, experiment_id, name, parent_run_id=pipeline.run_id,
+                                tags={"ant_ray.stage": stage, "ant_ray.run_dir": str(run_dir)})
+
+    try:
+        _log(start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=tracking_env(uri)))
+        _log(f"FID setup: {result.metric} ({cfg.fid.extractor} features, reference statistics cached in {cache_dir})")
+        FIDScorer(cfg, cache_dir)  # trains/caches the domain extractor and reference stats once, on the driver
+
+        # 1. pretrain (or reuse the cached model)
+        pre_run = child("pretrain", "pretrain")
+        base, reused = pretrained_model(cfg, run_dir=run_dir, tracking=pre_run.handle())
+        pre_run.set_tags({"ant_ray.reused_cache": reused, "ant_ray.model_dir": str(base)})
+        _log(f"pretrained model: {base} ({'reused from cache' if reused else 'trained'})")
+
+        # 2. finetune the N range specialists concurrently
+        ranges = cfg.specialist_ranges()
+        spec_runs = [child(f"specialist-{i}-[{a},{b})", "finetune") for i, (a, b) in enumerate(ranges)]
+        for run, (a, b) in zip(spec_runs, ranges):
+            run.log_params({"range": f"{a},{b}", "p": cfg.finetune.p,
+                            "lambda": cfg.finetune.consistency_weight, **cfg.finetune.model_dump(mode="json")})
+        _log(f"finetuning {len(ranges)} specialists on ranges {ranges} in parallel")
+        specialists = finetune_specialists(cfg, base_model=base, run_dir=run_dir, run_key=run_key,
+                                           trackings=[r.handle() for r in spec_runs])
+
+        # 3. task vectors, saved with their range, p, lambda and the base fingerprint
+        base_state = load_model(base).state_dict()
+        fingerprint = state_dict_fingerprint(base_state)
+        tv_paths = []
+        for i, (folder, (a, b)) in enumerate(zip(specialists, ranges)):
+            path = run_dir / "task_vectors" / f"specialist_{i}.safetensors"
+            save_task_vector(path, base_state, load_model(folder).state_dict(),
+                             {"range": (a, b), "p": cfg.finetune.p, "lambda": cfg.finetune.consistency_weight,
+                              "base_fingerprint": fingerprint})
+            spec_runs[i].log_artifact(path, "task_vector")
+            tv_paths.append(path)
+
+        # 4. scores of the pretrained model, each specialist and the routed ensemble, in parallel on Ray
+        _log(f"scoring pretrained, specialists and ensemble ({result.metric})")
+        cfg_dump = cfg.model_dump(mode="json")
+        jobs = {"pretrained": ([str(base)], None)}
+        jobs.update({f"specialist {i} {list(r)}": ([str(f)], None) for i, (f, r) in enumerate(zip(specialists, ranges))})
+        jobs["DeMe ensemble (before merge)"] = ([str(f) for f in specialists], [list(r) for r in ranges])
+        refs = {k: _score_remote.options(**_score_options(cfg)).remote(cfg_dump, str(cache_dir), dirs, rr)
+                for k, (dirs, rr) in jobs.items()}
+        scores = dict(zip(refs, ray.get(list(refs.values()))))
+        pre_run.log_metrics({result.metric: scores["pretrained"]})
+        pre_run.finish()
+        for i, run in enumerate(spec_runs):
+            run.log_metrics({result.metric: scores[f"specialist {i} {list(ranges[i])}"]})
+            run.finish()
+
+        # 5. merge-weight search with Ray Tune + Optuna; trials are child runs of the search run
+        search_run = child("merge-search", "merge_search")
+        search_run.log_params(cfg.merge_search.model_dump(mode="json"))
+        task_vectors = []
+        for path in tv_paths:
+            tau, meta = load_task_vector(path)
+            if meta["base_fingerprint"] != fingerprint:
+                raise ValueError(f"{path} was computed against another base model")
+            task_vectors.append(tau)
+        _log(f"searching merge weights: {cfg.merge_search.num_trials} trials, Optuna TPE")
+        weights, best_fid, trials = search_merge_weights(
+            cfg, base_model=base, task_vectors=task_vectors, cache_dir=cache_dir, experiment_id=experiment_id,
+            parent=search_run.handle(), name=f"merge-{run_key}")
+        search_run.log_metrics({f"best_{result.metric}": best_fid, "trials": trials})
+        search_run.log_params({f"best_w{i}": w for i, w in enumerate(weights)})
+
+        # 6. the merged model: written once, for the best weights only
+        merged = load_model(base)
+        merged.load_state_dict(TaskVectorMerger.from_task_vectors(base_state, task_vectors,
+                                                                  method=cfg.merge_search.method).merge(weights))
+        merged_dir = save_model(merged, run_dir / "merged" / "model")
+        search_run.set_tags({"ant_ray.model_dir": str(merged_dir)})
+        search_run.finish()
+        scores["DeMe merged (best weights)"] = best_fid
+
+        result.scores, result.best_weights, result.merge_trials = scores, weights, trials
+        result.seconds = time.time() - started
+        pipeline.log_metrics({f"{_metric_key(k)}_{result.metric}": v for k, v in scores.items()})
+        pipeline.log_metrics({"seconds": result.seconds})
+        summary = run_dir / "summary.txt"
+        summary.write_text(result.table() + "\n")
+        pipeline.log_artifact(summary)
+        pipeline.finish()
+        return result
+    except BaseException:
+        pipeline.finish("FAILED")
+        raise

@@ -1,0 +1,25 @@
+"""Starting or joining Ray: a private local instance by default, the cluster when RAY_ADDRESS / --address says so."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+def start_ray(address: str | None = None, *, num_cpus: int | None = None, env: dict[str, str] | None = None) -> str:
+    """Returns a short description of what was started. A private instance (address="local") never joins a Ray
+    that happens to run on the machine; `num_cpus` sets its logical CPUs (fractional resources make room for
+    concurrent trials on small machines)."""
+    if ray.is_initialized():
+        return "already connected"
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": dict(env or {})}
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return f"joined Ray at {address}"
+    # Local clusters enable token auth from Ray 2.59; a private throwaway instance does not need it.
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
+             log_to_driver=True, configure_logging=True, logging_level="WARNING")
+    return f"started a private local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"

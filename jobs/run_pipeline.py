@@ -1,0 +1,15 @@
+"""Entry point for `ray job submit`: runs the pipeline from a YAML in search_spaces/ on the cluster it runs in.
+
+    ray job submit --working-dir . -- python jobs/run_pipeline.py search_spaces/cifar10_ddpm.yaml \
+        --set output_dir=/shared/ant_ray_runs
+
+Under `ray job submit` the working directory is a temporary copy: give output_dir an absolute path on shared
+storage (and MLFLOW_TRACKING_URI a real server) so results outlive the job.
+"""
+
+import sys
+
+from ant_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["run", *sys.argv[1:]]))
