@@ -129,6 +129,27 @@ class FinetuneConfig(TrainConfig):
         return self
 
 
+class AffinityConfig(Section):
+    """Task affinity for gradient-based clustering (ANT Sec. 3.2): gradient cosine between timestep buckets."""
+    buckets: int = Field(50, ge=2)
+    samples_per_bucket: int = Field(32, ge=1)
+    sketch_dim: Optional[int] = Field(None, ge=16)  # None: exact (buckets x P memory); else random projection
+    warmup_steps: int = Field(0, ge=0)  # plain training steps before measuring affinity (0: use model.base as is)
+
+
+class ANTConfig(TrainConfig):
+    """Clustered-MTL training (ANT): k timestep clusters by interval DP, an MTL method over the clusters."""
+    k: int = Field(5, ge=1)
+    clustering: Literal["timestep", "snr", "gradient"] = "timestep"
+    min_size: Optional[int] = Field(None, ge=1)  # default T/(2k) (ANT App. G)
+    max_size: Optional[int] = Field(None, ge=1)  # default 2T/k
+    method: str = "uw"
+    method_options: dict[str, Any] = Field(default_factory=dict)
+    timestep_sampling: Literal["uniform", "stratified"] = "uniform"
+    affinity: AffinityConfig = AffinityConfig()
+    init_model: Optional[str] = None  # start from a diffusers folder instead of model.base
+
+
 class MergeSearchConfig(Section):
     method: Literal["linear", "ties"] = "linear"
     searcher: Literal["optuna", "grid"] = "optuna"
@@ -161,6 +182,7 @@ class PipelineConfig(Section):
     pretrain: TrainConfig = TrainConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     merge_search: MergeSearchConfig = MergeSearchConfig()
+    ant: ANTConfig = ANTConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":
@@ -169,6 +191,8 @@ class PipelineConfig(Section):
             raise ValueError(f"sampler.steps ({self.sampler.steps}) cannot exceed diffusion.T ({T})")
         if self.finetune.num_specialists > T:
             raise ValueError(f"finetune.num_specialists ({self.finetune.num_specialists}) cannot exceed diffusion.T")
+        if self.ant.k > T:
+            raise ValueError(f"ant.k ({self.ant.k}) cannot exceed diffusion.T ({T})")
         if self.finetune.ranges is not None and (self.finetune.ranges[0][0] != 0 or self.finetune.ranges[-1][1] != T):
             raise ValueError(f"finetune.ranges must cover [0, {T}) exactly, got {self.finetune.ranges}")
         return self

@@ -21,7 +21,8 @@ from ant_ray.deme.projection import (
 from ant_ray.merge import merge_task_vectors
 
 TINY = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,
-            norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"))
+            norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"))
 THREE_LEVELS = dict(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16, 24), layers_per_block=1,
                     norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
                     up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None)

@@ -200,15 +200,16 @@ def save_model_with_projections(unet: nn.Module, folder: str | os.PathLike) -> N
     config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def load_model_with_projections(folder: str | os.PathLike, *, model_class: type | None = None) -> nn.Module:
+def load_model_with_projections(folder: str | os.PathLike, *, model_class: type | None = None,
+                                **from_pretrained_options: object) -> nn.Module:
     """Load a folder written by `save_model_with_projections` (a plain diffusers folder loads without projections).
 
-    `model_class` defaults to diffusers' UNet2DModel."""
+    `model_class` defaults to diffusers' UNet2DModel; `from_pretrained_options` go to its `from_pretrained`."""
     if model_class is None:
         from diffusers import UNet2DModel  # imported here: the rest of this module needs only torch
         model_class = UNet2DModel
     folder = Path(folder)
-    unet = model_class.from_pretrained(str(folder))
+    unet = model_class.from_pretrained(str(folder), **from_pretrained_options)
     config_path = folder / PROJECTIONS_CONFIG_NAME
     if not config_path.is_file():
         return unet

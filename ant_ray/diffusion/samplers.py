@@ -19,10 +19,13 @@ SAMPLERS: Registry = Registry("sampler")
 
 
 def timestep_grid(T: int, steps: int) -> list[int]:
-    """Evenly spaced timesteps from T-1 down to 0 (DDIM's 'trailing'-free uniform respacing, always ending at 0)."""
+    """`steps` evenly spaced timesteps from T-1 down to 0 (both ends included; rounding keeps them distinct because
+    the spacing (T-1)/(steps-1) is >= 1). One step starts from pure noise, so it is [T-1], not [0]."""
     if not 1 <= steps <= T:
         raise ValueError(f"sampler.steps must be in [1, {T}], got {steps}")
-    grid = torch.linspace(0, T - 1, steps).round().long().unique().flip(0)
+    if steps == 1:
+        return [T - 1]
+    grid = torch.linspace(0, T - 1, steps, dtype=torch.float64).round().long().unique().flip(0)
     return grid.tolist()
 
 
@@ -77,7 +80,8 @@ def ddim(denoiser: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor, *, st
 @SAMPLERS.register("ddpm")
 def ddpm(denoiser: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor, *, steps: int | None = None,
          eta: float = 1.0, target: str = "epsilon", generator: torch.Generator, clip: bool = True) -> torch.Tensor:
-    """Ancestral sampling with the posterior variance beta~_t (exact DDPM when steps = T; respaced otherwise)."""
+    """Ancestral sampling with the posterior variance beta~_t (exact DDPM when steps = T; respaced otherwise).
+    `eta` is accepted for a uniform sampler signature and ignored: DDPM is DDIM's eta = 1."""
     return _respaced_loop(denoiser, schedule, noise, steps=steps or schedule.T, eta=1.0, target=target,
                           generator=generator, clip=clip)
 
@@ -86,8 +90,13 @@ def sample_images(denoiser: Denoiser, schedule: NoiseSchedule, n: int, *, shape:
                   sampler: str = "ddim", steps: int = 50, eta: float = 0.0, target: str = "epsilon",
                   seed: int = 0, batch_size: int = 256, device: torch.device | str = "cpu",
                   clip: bool = True) -> Iterator[torch.Tensor]:
-    """Yield batches of n images in [-1, 1] (on `device`). One generator drives the initial noise and the
-    sampler's noise in a fixed order, so (seed, n, batch_size) fixes the result."""
+    """Yield batches of n images in [-1, 1] (on `device`). One CPU generator drives the initial noise and the
+    sampler's noise in a fixed order, so (seed, n, batch_size) fixes the result on any device.
+
+    The images are NOT invariant to batch_size: batch by batch, the generator draws a batch's initial noise and
+    then its per-step noise, so another split hands the same random numbers to other images and steps (stochastic
+    samplers differ; deterministic DDIM differs too whenever torch's randn does not split evenly). Callers that
+    compare scores keep batch_size fixed (FID already seeds each of its batches separately)."""
     if n < 1 or batch_size < 1:
         raise ValueError(f"sampling needs n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
     sample_fn = SAMPLERS.get(sampler)
@@ -116,9 +125,18 @@ def routed_denoiser(ranges: list[tuple[int, int]], denoisers: list[Denoiser]) ->
     """DeMe's ensemble ('before merge'): each timestep goes to the denoiser whose [start, end) range holds it."""
     if len(ranges) != len(denoisers):
         raise ValueError("routed_denoiser needs one denoiser per range")
+    # Overlapping ranges would send a timestep to two specialists (the later silently winning); reject them.
+    ordered = sorted(ranges)
+    for (start, end) in ordered:
+        if not start < end:
+            raise ValueError(f"routed_denoiser range [{start}, {end}) is empty; each range needs start < end")
+    for (_, end), (start, _) in zip(ordered, ordered[1:]):
+        if start < end:
+            raise ValueError(f"routed_denoiser ranges {ranges} overlap; give each timestep to one specialist")
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out, covered = None, 0
+        out = None
+        covered = torch.zeros_like(t, dtype=torch.bool)
         for (start, end), fn in zip(ranges, denoisers):
             mask = (t >= start) & (t < end)
             if mask.any():
@@ -126,9 +144,10 @@ def routed_denoiser(ranges: list[tuple[int, int]], denoisers: list[Denoiser]) ->
                 if out is None:
                     out = torch.empty((x_t.shape[0], *pred.shape[1:]), dtype=pred.dtype, device=pred.device)
                 out[mask] = pred
-                covered += int(mask.sum())
-        if covered != t.shape[0]:
-            raise ValueError(f"the specialists' ranges {ranges} do not cover timesteps {t.unique().tolist()}")
+                covered |= mask
+        if not bool(covered.all()):
+            missing = t[~covered].unique().tolist()
+            raise ValueError(f"the specialists' ranges {ranges} do not cover timesteps {missing}")
         return out
 
     return denoise

@@ -57,13 +57,17 @@ class NoiseSchedule:
         """Exact SNR(t) = abar_t / (1 - abar_t) in float64; all T values when t is None."""
         abar = self.alphas_cumprod
         snr = abar / (1.0 - abar)
-        return snr if t is None else snr[torch.as_tensor(t, dtype=torch.long)]
+        if t is None:
+            return snr
+        index = torch.as_tensor(t, dtype=torch.long)
+        return snr.to(index.device)[index]
 
     def coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(abar_t) and sqrt(1 - abar_t) for a batch of timesteps, shaped to broadcast against `like`."""
-        abar = self.alphas_cumprod.to(like.device)[t.to(like.device)].to(like.dtype)
+        # Square roots in float64, cast last: in bf16/fp16 abar_0 = 0.9999 rounds to 1 and sqrt(1 - abar) to 0.
+        abar = self.alphas_cumprod.to(like.device)[t.to(like.device)]
         shape = (-1,) + (1,) * (like.dim() - 1)
-        return abar.sqrt().view(shape), (1.0 - abar).sqrt().view(shape)
+        return abar.sqrt().to(like.dtype).view(shape), (1.0 - abar).sqrt().to(like.dtype).view(shape)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         a, s = self.coefficients(t, x0)

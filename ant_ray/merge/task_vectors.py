@@ -312,6 +312,8 @@ def merge_from_task_vectors(base_state_dict: StateDict,
         except (TypeError, ValueError):
             raise ValueError(f"task_vectors[{index}] must be a (task vector, metadata) pair as load_task_vector "
                              "returns") from None
+        if not isinstance(metadata, Mapping):
+            raise ValueError(f"task_vectors[{index}] metadata must be a mapping of strings; got {type(metadata)}")
         recorded = metadata.get("base_fingerprint")
         if recorded != base_fingerprint:
             raise ValueError(f"task_vectors[{index}] (range {metadata.get('range', '?')}) was computed against a "

@@ -15,6 +15,7 @@ import ray
 
 from ant_ray.config import PipelineConfig
 from ant_ray.diffusion import build_model, load_model, model_denoiser, routed_denoiser, save_model
+from ant_ray.data import save_image_grid
 from ant_ray.evaluation import FIDScorer, load_reference_dataset, metric_name
 from ant_ray.merge import TaskVectorMerger, load_task_vector, save_task_vector, state_dict_fingerprint
 from ant_ray.search.merge_search import search_merge_weights
@@ -55,7 +56,7 @@ def _metric_key(label: str) -> str:
 
 
 def _log(message: str) -> None:
-    print(f"[ant_ray] {message}", flush=True)
+    print(f"[ant_ray {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
 @ray.remote(num_cpus=0)
@@ -103,17 +104,26 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
     result = PipelineResult(metric=metric_name(cfg), run_dir=run_dir, tracking_uri=uri,
                             pipeline_run_id=pipeline.run_id, ranges=cfg.specialist_ranges())
 
+    open_runs: list[TrackedRun] = [pipeline]
+
     def child(name: str, stage: str) -> TrackedRun:
-        return TrackedRun.start(uri, experiment_id, name, parent_run_id=pipeline.run_id,
-                                tags={"ant_ray.stage": stage, "ant_ray.run_dir": str(run_dir)})
+        run = TrackedRun.start(uri, experiment_id, name, parent_run_id=pipeline.run_id,
+                               tags={"ant_ray.stage": stage, "ant_ray.run_dir": str(run_dir)})
+        open_runs.append(run)
+        return run
+
+    def finish(run: TrackedRun) -> None:
+        run.finish()
+        open_runs.remove(run)
 
     try:
         _log(start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=tracking_env(uri)))
         _log(f"FID setup: {result.metric} ({cfg.fid.extractor} features, reference statistics cached in {cache_dir})")
-        FIDScorer(cfg, cache_dir)  # trains/caches the domain extractor and reference stats once, on the driver
+        scorer = FIDScorer(cfg, cache_dir)  # trains/caches the domain extractor and reference stats, on the driver
 
         # 1. pretrain (or reuse the cached model)
         pre_run = child("pretrain", "pretrain")
+        pre_run.log_params(cfg.pretrain.model_dump(mode="json"))
         base, reused = pretrained_model(cfg, run_dir=run_dir, tracking=pre_run.handle())
         pre_run.set_tags({"ant_ray.reused_cache": reused, "ant_ray.model_dir": str(base)})
         _log(f"pretrained model: {base} ({'reused from cache' if reused else 'trained'})")
@@ -150,10 +160,10 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
                 for k, (dirs, rr) in jobs.items()}
         scores = dict(zip(refs, ray.get(list(refs.values()))))
         pre_run.log_metrics({result.metric: scores["pretrained"]})
-        pre_run.finish()
+        finish(pre_run)
         for i, run in enumerate(spec_runs):
             run.log_metrics({result.metric: scores[f"specialist {i} {list(ranges[i])}"]})
-            run.finish()
+            finish(run)
 
         # 5. merge-weight search with Ray Tune + Optuna; trials are child runs of the search run
         search_run = child("merge-search", "merge_search")
@@ -177,7 +187,9 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
                                                                   method=cfg.merge_search.method).merge(weights))
         merged_dir = save_model(merged, run_dir / "merged" / "model")
         search_run.set_tags({"ant_ray.model_dir": str(merged_dir)})
-        search_run.finish()
+        grid = scorer.sample(model_denoiser(merged.to(scorer.device).eval()), 64, cfg.seed)
+        search_run.log_artifact(save_image_grid(grid, run_dir / "merged" / "samples.png"))
+        finish(search_run)
         scores["DeMe merged (best weights)"] = best_fid
 
         result.scores, result.best_weights, result.merge_trials = scores, weights, trials
@@ -187,8 +199,10 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
         summary = run_dir / "summary.txt"
         summary.write_text(result.table() + "\n")
         pipeline.log_artifact(summary)
-        pipeline.finish()
+        finish(pipeline)
         return result
     except BaseException:
-        pipeline.finish("FAILED")
+        # Mark what was running as failed; finished runs, checkpoints and cached models stay as they are.
+        for run in reversed(open_runs):
+            run.finish("FAILED")
         raise

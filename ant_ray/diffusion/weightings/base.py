@@ -36,4 +36,8 @@ class LossWeighting:
         raise NotImplementedError
 
     def __call__(self, snr: torch.Tensor, target: str) -> torch.Tensor:
+        if target == "epsilon":
+            # Floor SNR in the x0-weight too, not only in the divisor: w(SNR)/SNR then keeps its limit at SNR -> 0
+            # (min-SNR -> 1, P2 -> 1/k^gamma) instead of collapsing to 0/floor = 0.
+            snr = snr.clamp_min(SNR_FLOOR)
         return self.x0_weight(snr) / target_factor(snr, target)

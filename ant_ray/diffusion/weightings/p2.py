@@ -9,9 +9,9 @@ class P2(LossWeighting):
     k=1, gamma=1 are the authors' recommendation (DeMe Sec. 7.1)."""
 
     def __init__(self, k: float = 1.0, gamma: float = 1.0):
-        if k <= 0:
+        if not k > 0:  # also rejects NaN
             raise ValueError(f"weighting.k must be > 0 for p2, got {k}")
-        if gamma < 0:
+        if not gamma >= 0:
             raise ValueError(f"weighting.gamma must be >= 0 for p2, got {gamma}")
         self.k, self.gamma = k, gamma
 
