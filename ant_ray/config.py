@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -115,6 +115,10 @@ class FinetuneConfig(TrainConfig):
     p: float = Field(0.1, ge=0, le=1)  # probability a batch's timesteps come from all of [0, T) (DeMe Eq. 6)
     consistency_weight: float = Field(1.0, ge=0)  # lambda (DeMe Eq. 5)
     lr: float = Field(1e-4, gt=0)
+    # Ranges from ANT's interval clustering (DP over N intervals) instead of N equal ranges; `ranges` wins if set.
+    range_clustering: Optional[Literal["timestep", "snr"]] = None
+    channel_projection: bool = False  # DeMe's identity-initialised CxC 1x1 projections
+    projection_places: Union[Literal["default"], list[str]] = "default"
 
     @model_validator(mode="after")
     def _ranges(self) -> "FinetuneConfig":
@@ -152,19 +156,35 @@ class ANTConfig(TrainConfig):
 
 class MergeSearchConfig(Section):
     method: Literal["linear", "ties"] = "linear"
+    ties_density: float = Field(0.2, gt=0, le=1)  # TIES: fraction of each task vector kept by magnitude
+    # Per-layer-group weights: {group: key prefix}, first match wins, "" catches the rest. None: one weight per model.
+    layer_groups: Optional[dict[str, str]] = None
     searcher: Literal["optuna", "grid"] = "optuna"
-    num_trials: int = Field(16, ge=1)
+    num_trials: int = Field(16, ge=1)  # optuna only; the grid's size follows from its steps
     max_concurrent: int = Field(2, ge=1)
     weight_low: float = 0.0
     weight_high: float = 1.5
-    grid_step: float = Field(0.25, gt=0)
+    grid_step: float = Field(0.25, gt=0)  # DeMe Sec. 8: a coarse grid ...
+    grid_fine_step: float = Field(0.05, gt=0)  # ... then a finer grid within one coarse step of the best
     resources: ResourcesConfig = ResourcesConfig()
 
     @model_validator(mode="after")
     def _bounds(self) -> "MergeSearchConfig":
         if not self.weight_low < self.weight_high:
             raise ValueError("merge_search.weight_low must be < merge_search.weight_high")
+        if self.grid_fine_step >= self.grid_step:
+            raise ValueError("merge_search.grid_fine_step must be smaller than merge_search.grid_step")
+        if self.layer_groups is not None and (not self.layer_groups or not all(
+                isinstance(v, str) for v in self.layer_groups.values())):
+            raise ValueError("merge_search.layer_groups must map group names to key prefixes, e.g. "
+                             "{down: 'down_blocks.', mid: 'mid_block.', up: 'up_blocks.', other: ''}")
         return self
+
+    def merge_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"method": self.method, "layer_groups": self.layer_groups}
+        if self.method == "ties":
+            options["density"] = self.ties_density
+        return options
 
 
 class PipelineConfig(Section):
@@ -196,12 +216,6 @@ class PipelineConfig(Section):
         if self.finetune.ranges is not None and (self.finetune.ranges[0][0] != 0 or self.finetune.ranges[-1][1] != T):
             raise ValueError(f"finetune.ranges must cover [0, {T}) exactly, got {self.finetune.ranges}")
         return self
-
-    def specialist_ranges(self) -> list[tuple[int, int]]:
-        if self.finetune.ranges is not None:
-            return [tuple(r) for r in self.finetune.ranges]
-        n, T = self.finetune.num_specialists, self.diffusion.T
-        return [(i * T // n, (i + 1) * T // n) for i in range(n)]
 
     def output_path(self) -> Path:
         return Path(self.output_dir).expanduser().resolve()

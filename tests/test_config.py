@@ -18,8 +18,7 @@ def test_shipped_configs_validate(path):
 def test_defaults_and_overrides():
     cfg = load_config(None, ["pretrain.steps=7", "finetune.ranges=[[0, 300], [300, 1000]]", "fid.extractor=domain"])
     assert cfg.pretrain.steps == 7
-    assert cfg.specialist_ranges() == [(0, 300), (300, 1000)]
-    assert load_config(None).specialist_ranges() == [(0, 500), (500, 1000)]
+    assert cfg.finetune.ranges == [(0, 300), (300, 1000)]
 
 
 def test_overrides_parse_yaml_values_and_create_sections():

@@ -8,6 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from ant_ray.cli import main as cli_main
 from ant_ray.config import load_config
+from ant_ray.deme import has_channel_projections
 from ant_ray.diffusion import load_model
 from ant_ray.merge import load_task_vector, state_dict_fingerprint
 from ant_ray.search.pipeline import run_pipeline
@@ -17,7 +18,7 @@ TINY = [
     "finetune.steps=10", "finetune.log_every=5", "finetune.checkpoint_every=10",
     "pretrain.batch_size=64", "finetune.batch_size=64",
     "fid.num_samples=100", "fid.batch_size=100", "sampler.steps=4",
-    "merge_search.num_trials=3", "ray.num_cpus=4",
+    "merge_search.num_trials=3", "ray.num_cpus=4", "finetune.channel_projection=true",
 ]
 
 
@@ -38,6 +39,7 @@ def test_table_has_every_model(pipeline_result):
                                    "DeMe ensemble (before merge)", "DeMe merged (best weights)"]
     assert all(math.isfinite(v) and v > 0 for v in result.scores.values())
     assert len(result.best_weights) == 2 and result.merge_trials == 3
+    assert result.merge_images_generated == 300 and result.merge_images_to_best in (100, 200, 300)
     table = result.table()
     assert "fid100_domain" in table and "mlflow ui --backend-store-uri sqlite:///" in table
     assert (result.run_dir / "summary.txt").read_text().startswith("model")
@@ -47,15 +49,17 @@ def test_artifacts_on_disk(pipeline_result):
     cfg, result = pipeline_result
     merged = load_model(result.run_dir / "merged" / "model")
     assert merged.config.sample_size == 8
+    assert has_channel_projections(merged)  # DeMe's projections survive merging and saving
     base_dirs = list((cfg.output_path() / "cache" / "pretrained").iterdir())
-    assert len(base_dirs) == 1
-    fingerprint = state_dict_fingerprint(load_model(base_dirs[0]).state_dict())
+    assert len(base_dirs) == 1 and not has_channel_projections(load_model(base_dirs[0]))
+    fingerprint = state_dict_fingerprint(load_model(result.run_dir / "base_with_projections").state_dict())
     for i, expected in enumerate([(0, 500), (500, 1000)]):
         tau, meta = load_task_vector(result.run_dir / "task_vectors" / f"specialist_{i}.safetensors")
         assert meta["range"] == f"{expected[0]},{expected[1]}"
         assert meta["base_fingerprint"] == fingerprint
         assert float(meta["p"]) == cfg.finetune.p
         assert any(t.abs().sum() > 0 for t in tau.values())  # the specialist really moved
+        assert any(k.startswith("channel_projections.") for k in tau)
 
 
 def test_mlflow_runs_nest(pipeline_result):

@@ -14,11 +14,13 @@ from pathlib import Path
 import ray
 
 from ant_ray.config import PipelineConfig
+from ant_ray.deme.projection import add_channel_projections, channel_projection_places
+from ant_ray.deme.ranges import specialist_ranges
 from ant_ray.diffusion import build_model, load_model, model_denoiser, routed_denoiser, save_model
 from ant_ray.data import save_image_grid
 from ant_ray.evaluation import FIDScorer, load_reference_dataset, metric_name
 from ant_ray.merge import TaskVectorMerger, load_task_vector, save_task_vector, state_dict_fingerprint
-from ant_ray.search.merge_search import search_merge_weights
+from ant_ray.search.merge_search import grid_size, search_merge_weights
 from ant_ray.search.ray_runtime import start_ray
 from ant_ray.search.training_runs import finetune_specialists, pretrained_model
 from ant_ray.tracking import TrackedRun, setup_experiment, tracking_env, ui_command
@@ -32,8 +34,10 @@ class PipelineResult:
     pipeline_run_id: str
     scores: dict[str, float] = field(default_factory=dict)
     ranges: list[tuple[int, int]] = field(default_factory=list)
-    best_weights: list[float] = field(default_factory=list)
+    best_weights: list[float] | dict[str, list[float]] = field(default_factory=list)
     merge_trials: int = 0
+    merge_images_to_best: int = 0
+    merge_images_generated: int = 0
     seconds: float = 0.0
 
     def table(self) -> str:
@@ -41,13 +45,19 @@ class PipelineResult:
         width = max(len(r[0]) for r in rows) + 2
         lines = [f"{a:<{width}}{b}" for a, b in rows]
         lines.insert(1, "-" * (width + len(self.metric)))
-        lines += ["", f"best merge weights: {', '.join(f'{w:.3f}' for w in self.best_weights)} "
-                      f"({self.merge_trials} trials)",
+        lines += ["", f"best merge weights: {_format_weights(self.best_weights)} ({self.merge_trials} trials, "
+                      f"{self.merge_images_to_best} of {self.merge_images_generated} generated images to the best)",
                   f"specialist ranges: {self.ranges}",
                   f"run directory: {self.run_dir}",
                   f"finished in {self.seconds / 60:.1f} min",
                   f"MLflow UI: {ui_command(self.tracking_uri)}"]
         return "\n".join(lines)
+
+
+def _format_weights(weights) -> str:
+    if isinstance(weights, dict):
+        return "; ".join(f"{g}: {_format_weights(w)}" for g, w in weights.items())
+    return ", ".join(f"{w:.3f}" for w in weights)
 
 
 def _metric_key(label: str) -> str:
@@ -102,7 +112,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
                                 tags={"ant_ray.stage": "pipeline", "ant_ray.run_dir": str(run_dir)})
     pipeline.log_params(cfg.model_dump(mode="json"))
     result = PipelineResult(metric=metric_name(cfg), run_dir=run_dir, tracking_uri=uri,
-                            pipeline_run_id=pipeline.run_id, ranges=cfg.specialist_ranges())
+                            pipeline_run_id=pipeline.run_id, ranges=specialist_ranges(cfg))
 
     open_runs: list[TrackedRun] = [pipeline]
 
@@ -127,9 +137,16 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
         base, reused = pretrained_model(cfg, run_dir=run_dir, tracking=pre_run.handle())
         pre_run.set_tags({"ant_ray.reused_cache": reused, "ant_ray.model_dir": str(base)})
         _log(f"pretrained model: {base} ({'reused from cache' if reused else 'trained'})")
+        pretrained = base
+        if cfg.finetune.channel_projection:
+            # The base gets the same identity projections, so task vectors include them (W_i - I) and the
+            # merged model keeps them; identity projections leave the base's outputs unchanged.
+            projected = add_channel_projections(load_model(base), places=cfg.finetune.projection_places)
+            base = save_model(projected, run_dir / "base_with_projections")
+            _log(f"channel-wise projections at {channel_projection_places(projected)}")
 
         # 2. finetune the N range specialists concurrently
-        ranges = cfg.specialist_ranges()
+        ranges = specialist_ranges(cfg)
         spec_runs = [child(f"specialist-{i}-[{a},{b})", "finetune") for i, (a, b) in enumerate(ranges)]
         for run, (a, b) in zip(spec_runs, ranges):
             run.log_params({"range": f"{a},{b}", "p": cfg.finetune.p,
@@ -153,7 +170,7 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
         # 4. scores of the pretrained model, each specialist and the routed ensemble, in parallel on Ray
         _log(f"scoring pretrained, specialists and ensemble ({result.metric})")
         cfg_dump = cfg.model_dump(mode="json")
-        jobs = {"pretrained": ([str(base)], None)}
+        jobs = {"pretrained": ([str(pretrained)], None)}
         jobs.update({f"specialist {i} {list(r)}": ([str(f)], None) for i, (f, r) in enumerate(zip(specialists, ranges))})
         jobs["DeMe ensemble (before merge)"] = ([str(f) for f in specialists], [list(r) for r in ranges])
         refs = {k: _score_remote.options(**_score_options(cfg)).remote(cfg_dump, str(cache_dir), dirs, rr)
@@ -174,25 +191,30 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
             if meta["base_fingerprint"] != fingerprint:
                 raise ValueError(f"{path} was computed against another base model")
             task_vectors.append(tau)
-        _log(f"searching merge weights: {cfg.merge_search.num_trials} trials, Optuna TPE")
-        weights, best_fid, trials = search_merge_weights(
-            cfg, base_model=base, task_vectors=task_vectors, cache_dir=cache_dir, experiment_id=experiment_id,
-            parent=search_run.handle(), name=f"merge-{run_key}")
-        search_run.log_metrics({f"best_{result.metric}": best_fid, "trials": trials})
-        search_run.log_params({f"best_w{i}": w for i, w in enumerate(weights)})
+        ms = cfg.merge_search
+        _log(f"searching merge weights ({ms.method}): " + (f"{ms.num_trials} trials, Optuna TPE"
+             if ms.searcher == "optuna" else f"coarse grid of {grid_size(cfg, len(task_vectors))} + fine grid"))
+        outcome = search_merge_weights(cfg, base_model=base, task_vectors=task_vectors, cache_dir=cache_dir,
+                                       experiment_id=experiment_id, parent=search_run.handle(), name=f"merge-{run_key}")
+        weights = outcome.weights
+        search_run.log_metrics({f"best_{result.metric}": outcome.fid, "trials": outcome.trials,
+                                "images_generated": outcome.images_generated,
+                                "images_to_best": outcome.images_to_best})
+        search_run.log_params({"best_weights": weights})
 
         # 6. the merged model: written once, for the best weights only
         merged = load_model(base)
         merged.load_state_dict(TaskVectorMerger.from_task_vectors(base_state, task_vectors,
-                                                                  method=cfg.merge_search.method).merge(weights))
+                                                                  **cfg.merge_search.merge_options()).merge(weights))
         merged_dir = save_model(merged, run_dir / "merged" / "model")
         search_run.set_tags({"ant_ray.model_dir": str(merged_dir)})
         grid = scorer.sample(model_denoiser(merged.to(scorer.device).eval()), 64, cfg.seed)
         search_run.log_artifact(save_image_grid(grid, run_dir / "merged" / "samples.png"))
         finish(search_run)
-        scores["DeMe merged (best weights)"] = best_fid
+        scores["DeMe merged (best weights)"] = outcome.fid
 
-        result.scores, result.best_weights, result.merge_trials = scores, weights, trials
+        result.scores, result.best_weights, result.merge_trials = scores, weights, outcome.trials
+        result.merge_images_to_best, result.merge_images_generated = outcome.images_to_best, outcome.images_generated
         result.seconds = time.time() - started
         pipeline.log_metrics({f"{_metric_key(k)}_{result.metric}": v for k, v in scores.items()})
         pipeline.log_metrics({"seconds": result.seconds})

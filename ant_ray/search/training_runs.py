@@ -17,6 +17,7 @@ from ray.train import FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from ant_ray.config import PipelineConfig, ResourcesConfig
+from ant_ray.deme.ranges import specialist_ranges
 from ant_ray.deme.finetune import train_diffusion
 
 # Fields that change what pretraining produces; resources and logging cadence do not.
@@ -84,7 +85,7 @@ def finetune_specialists(cfg: PipelineConfig, *, base_model: Path, run_dir: Path
                          trackings: list[dict | None]) -> list[Path]:
     """Launch all N specialist finetunes at once (each its own Ray Train run) and wait for them."""
     pending = []
-    for i, time_range in enumerate(cfg.specialist_ranges()):
+    for i, time_range in enumerate(specialist_ranges(cfg)):
         out = run_dir / "finetune" / f"specialist_{i}" / "model"
         loop = {"range": list(time_range), "init_model": str(base_model), "teacher_model": str(base_model),
                 "output_model": str(out), "tracking": trackings[i], "seed": cfg.seed + 1 + i}
