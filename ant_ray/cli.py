@@ -38,6 +38,21 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run pretrain -> DeMe specialists -> merge-weight search from a config file.")
     _add_config_args(run, config_required=True)
 
+    ant = sub.add_parser("train-ant", help="train with ANT clustered MTL from a YAML config (the ant: section)",
+                         description="Cluster the timesteps (ant.clustering), train with an MTL method over the "
+                                     "clusters on Ray Train (ant.resources), score the EMA model's FID, log to MLflow.")
+    _add_config_args(ant, config_required=True)
+    ant.add_argument("--resume-from", default=None, metavar="CHECKPOINT",
+                     help="continue from the checkpoint/ folder of an earlier train-ant run")
+
+    compare = sub.add_parser("compare-deme", help="DeMe's comparison: pretrained vs finetune baselines vs DeMe",
+                             description="Run pretrained, plain finetune, each loss-weighting baseline (SNR+1, "
+                                         "truncated SNR, min-SNR, P2), DeMe ensemble and DeMe merged for every seed "
+                                         "in comparison.seeds, and write a mean/std table to MLflow and --report.")
+    _add_config_args(compare, config_required=True)
+    compare.add_argument("--report", default=None, metavar="PATH",
+                         help="also write the Markdown table here (e.g. benchmarks/deme_comparison_digits.md)")
+
     check = sub.add_parser("validate", help="validate a config and print it with every default filled in",
                            description="Load, override and validate a config without starting anything.")
     _add_config_args(check, config_required=True)
@@ -62,6 +77,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "validate":
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        return 0
+    if args.command == "train-ant":
+        from ant_ray.search.ant_runs import run_ant
+
+        try:
+            ant_result = run_ant(cfg, resume_from=args.resume_from)
+        except (ValueError, FileNotFoundError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print()
+        print(ant_result.table())
+        return 0
+    if args.command == "compare-deme":
+        from ant_ray.search.deme_comparison import run_deme_comparison
+
+        comparison = run_deme_comparison(cfg, cfg.comparison.seeds, report=Path(args.report) if args.report else None)
+        print()
+        print(comparison.markdown(cfg.name))
         return 0
     from ant_ray.search.pipeline import run_pipeline
 

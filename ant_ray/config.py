@@ -117,6 +117,7 @@ class FinetuneConfig(TrainConfig):
     lr: float = Field(1e-4, gt=0)
     # Ranges from ANT's interval clustering (DP over N intervals) instead of N equal ranges; `ranges` wins if set.
     range_clustering: Optional[Literal["timestep", "snr"]] = None
+    seed: Optional[int] = None  # finetuning seed (specialist i uses seed + i); None: the top-level seed + 1
     channel_projection: bool = False  # DeMe's identity-initialised CxC 1x1 projections
     projection_places: Union[Literal["default"], list[str]] = "default"
 
@@ -187,6 +188,11 @@ class MergeSearchConfig(Section):
         return options
 
 
+class ComparisonConfig(Section):
+    """`ant-ray compare-deme`: the finetuning seeds each arm is run with."""
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+
+
 class PipelineConfig(Section):
     name: str = "ant_ray"
     seed: int = 0
@@ -203,6 +209,7 @@ class PipelineConfig(Section):
     finetune: FinetuneConfig = FinetuneConfig()
     merge_search: MergeSearchConfig = MergeSearchConfig()
     ant: ANTConfig = ANTConfig()
+    comparison: ComparisonConfig = ComparisonConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "PipelineConfig":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,9 +81,15 @@ def _score_remote(cfg_dump: dict, cache_dir: str, model_dirs: list[str], ranges:
     return scorer.score(denoiser)
 
 
-def _score_options(cfg: PipelineConfig) -> dict:
+def score_in_parallel(cfg: PipelineConfig, cache_dir: Path,
+                      jobs: dict[str, tuple[list[str], list[list[int]] | None]]) -> dict[str, float]:
+    """FID of each job (model folders, and ranges for a routed ensemble) as concurrent Ray tasks with the
+    merge_search resources (one GPU each on a cluster)."""
     r = cfg.merge_search.resources
-    return {"num_cpus": r.cpu, "num_gpus": r.gpu}
+    cfg_dump = cfg.model_dump(mode="json")
+    refs = {k: _score_remote.options(num_cpus=r.cpu, num_gpus=r.gpu).remote(cfg_dump, str(cache_dir), dirs, rr)
+            for k, (dirs, rr) in jobs.items()}
+    return dict(zip(refs, ray.get(list(refs.values()))))
 
 
 def check_inputs(cfg: PipelineConfig) -> None:
@@ -97,18 +104,18 @@ def check_inputs(cfg: PipelineConfig) -> None:
         ensure_inception_weights()
 
 
-def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
+def run_pipeline(cfg: PipelineConfig, *, parent_run_id: str | None = None) -> PipelineResult:
     started = time.time()
     check_inputs(cfg)
     out = cfg.output_path()
     cache_dir = out / "cache" / "fid"
-    run_key = time.strftime("%Y%m%d-%H%M%S")
+    run_key = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     run_dir = out / "runs" / f"{cfg.name}-{run_key}"
     run_dir.mkdir(parents=True, exist_ok=False)
 
     uri = cfg.tracking_uri()
     experiment_id = setup_experiment(uri, cfg.tracking.experiment, out / "mlartifacts")
-    pipeline = TrackedRun.start(uri, experiment_id, f"{cfg.name}-{run_key}",
+    pipeline = TrackedRun.start(uri, experiment_id, f"{cfg.name}-{run_key}", parent_run_id=parent_run_id,
                                 tags={"ant_ray.stage": "pipeline", "ant_ray.run_dir": str(run_dir)})
     pipeline.log_params(cfg.model_dump(mode="json"))
     result = PipelineResult(metric=metric_name(cfg), run_dir=run_dir, tracking_uri=uri,
@@ -169,13 +176,10 @@ def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
 
         # 4. scores of the pretrained model, each specialist and the routed ensemble, in parallel on Ray
         _log(f"scoring pretrained, specialists and ensemble ({result.metric})")
-        cfg_dump = cfg.model_dump(mode="json")
         jobs = {"pretrained": ([str(pretrained)], None)}
         jobs.update({f"specialist {i} {list(r)}": ([str(f)], None) for i, (f, r) in enumerate(zip(specialists, ranges))})
         jobs["DeMe ensemble (before merge)"] = ([str(f) for f in specialists], [list(r) for r in ranges])
-        refs = {k: _score_remote.options(**_score_options(cfg)).remote(cfg_dump, str(cache_dir), dirs, rr)
-                for k, (dirs, rr) in jobs.items()}
-        scores = dict(zip(refs, ray.get(list(refs.values()))))
+        scores = score_in_parallel(cfg, cache_dir, jobs)
         pre_run.log_metrics({result.metric: scores["pretrained"]})
         finish(pre_run)
         for i, run in enumerate(spec_runs):

@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import ray
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start_ray(address: str | None = None, *, num_cpus: int | None = None, env: dict[str, str] | None = None) -> str:
@@ -14,12 +21,19 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, env: d
     if ray.is_initialized():
         return "already connected"
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": dict(env or {})}
+    env_vars = dict(env or {})
     if address:
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
         return f"joined Ray at {address}"
     # Local clusters enable token auth from Ray 2.59; a private throwaway instance does not need it.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, runtime_env=runtime_env,
-             log_to_driver=True, configure_logging=True, logging_level="WARNING")
-    return f"started a private local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs)"
+    # Train V2's placement-group cleaner asks the state API (served by the dashboard) whether its controller is
+    # alive. With several Ray instances on one machine it cannot tell which to ask, so pin ours by address.
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}"
+    os.environ["RAY_API_SERVER_ADDRESS"] = api
+    env_vars["RAY_API_SERVER_ADDRESS"] = api
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, runtime_env={"env_vars": env_vars}, log_to_driver=True,
+             logging_level="WARNING")
+    return f"started a private local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs, dashboard {api})"

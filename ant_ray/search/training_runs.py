@@ -73,12 +73,25 @@ def pretrained_model(cfg: PipelineConfig, *, run_dir: Path, tracking: dict | Non
     return cached, False
 
 
+def finetune_seed(cfg: PipelineConfig) -> int:
+    return cfg.finetune.seed if cfg.finetune.seed is not None else cfg.seed + 1
+
+
 @ray.remote(num_cpus=0)
 def _fit_remote(cfg_dump: dict, name: str, storage: str, loop: dict) -> str:
     # An orchestration task only: the trainer's workers hold the declared resources.
     fit_diffusion(PipelineConfig.model_validate(cfg_dump), name=name, storage=Path(storage), section="finetune",
                   loop=loop)
     return loop["output_model"]
+
+
+def finetune_plain(cfg: PipelineConfig, *, base_model: Path, out: Path, name: str,
+                   tracking: dict | None) -> ray.ObjectRef:
+    """A plain finetune of the whole model on all of [0, T) with the finetune section's settings (no consistency
+    loss): the baseline DeMe compares against. Returns a Ray reference to the output folder."""
+    loop = {"range": None, "init_model": str(base_model), "teacher_model": None, "output_model": str(out),
+            "tracking": tracking, "seed": finetune_seed(cfg)}
+    return _fit_remote.remote(cfg.model_dump(mode="json"), name, str(cfg.output_path() / "ray_results"), loop)
 
 
 def finetune_specialists(cfg: PipelineConfig, *, base_model: Path, run_dir: Path, run_key: str,
@@ -88,7 +101,7 @@ def finetune_specialists(cfg: PipelineConfig, *, base_model: Path, run_dir: Path
     for i, time_range in enumerate(specialist_ranges(cfg)):
         out = run_dir / "finetune" / f"specialist_{i}" / "model"
         loop = {"range": list(time_range), "init_model": str(base_model), "teacher_model": str(base_model),
-                "output_model": str(out), "tracking": trackings[i], "seed": cfg.seed + 1 + i}
+                "output_model": str(out), "tracking": trackings[i], "seed": finetune_seed(cfg) + i}
         pending.append(_fit_remote.remote(cfg.model_dump(mode="json"), f"specialist-{run_key}-{i}",
                                           str(cfg.output_path() / "ray_results"), loop))
     return [Path(p) for p in ray.get(pending)]
