@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -53,6 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--report", default=None, metavar="PATH",
                          help="also write the Markdown table here (e.g. benchmarks/deme_comparison_digits.md)")
 
+    compare_ant = sub.add_parser("compare-ant", help="ANT's comparison: vanilla vs MTL methods x clusterings",
+                                 description="Train vanilla (k=1, LS) and ANT with every method in "
+                                             "comparison.ant_methods and clustering in comparison.ant_clusterings, "
+                                             "for every seed in comparison.seeds, and write a mean/std FID table.")
+    _add_config_args(compare_ant, config_required=True)
+    compare_ant.add_argument("--report", default=None, metavar="PATH",
+                             help="also write the Markdown table here (e.g. benchmarks/ant_comparison_digits.md)")
+
+    analyze = sub.add_parser("analyze", help="analyses of a trained setup (ntg: negative transfer gap)",
+                             description="Analyses from the ANT paper.")
+    analyses = analyze.add_subparsers(dest="analysis", required=True, metavar="ANALYSIS")
+    ntg = analyses.add_parser("ntg", help="negative transfer gap per timestep interval (ANT Eq. 3)",
+                              description="Train an interval model per interval (the pretrain recipe restricted to "
+                                          "it), sample with the all-task model swapping the interval model in inside "
+                                          "its interval, and report FID(mixed) - FID(all-task) per interval, with a "
+                                          "bar chart in MLflow.")
+    _add_config_args(ntg, config_required=True)
+    ntg.add_argument("--intervals", default=None, metavar="A,B;C,D",
+                     help="half-open intervals, e.g. '0,200;200,400' (default: ant.k equal intervals)")
+
     check = sub.add_parser("validate", help="validate a config and print it with every default filled in",
                            description="Load, override and validate a config without starting anything.")
     _add_config_args(check, config_required=True)
@@ -68,8 +90,16 @@ def _load(args: argparse.Namespace, default: Path | None = None) -> PipelineConf
     return load_config(getattr(args, "config", None) or default, overrides)
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # A killed job (SIGTERM from `ray job stop`, a scheduler, or kill) unwinds like Ctrl-C: MLflow runs are marked
+    # FAILED and Ray's exit hook shuts down the private local cluster instead of leaving workers behind.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         cfg = _load(args, default=SEARCH_SPACES / "demo.yaml")
     except (ConfigError, ValueError) as err:
@@ -88,6 +118,28 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print()
         print(ant_result.table())
+        return 0
+    if args.command == "analyze":
+        from ant_ray.search.ntg import equal_intervals, run_ntg
+
+        try:
+            intervals = ([tuple(int(x) for x in part.split(",")) for part in args.intervals.split(";")]
+                         if args.intervals else equal_intervals(cfg.ant.k, cfg.diffusion.T))
+            if any(len(i) != 2 for i in intervals):
+                raise ValueError("--intervals expects 'a,b;c,d' (half-open timestep intervals)")
+            ntg_result = run_ntg(cfg, intervals)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print()
+        print(ntg_result.table())
+        return 0
+    if args.command == "compare-ant":
+        from ant_ray.search.ant_comparison import run_ant_comparison
+
+        comparison = run_ant_comparison(cfg, cfg.comparison.seeds, report=Path(args.report) if args.report else None)
+        print()
+        print(comparison.markdown(cfg.name))
         return 0
     if args.command == "compare-deme":
         from ant_ray.search.deme_comparison import run_deme_comparison

@@ -104,6 +104,12 @@ class TrainConfig(Section):
     grad_accumulation: int = Field(1, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     weighting: WeightingConfig = WeightingConfig()
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        return "no" if v is False else v  # YAML reads a bare `no` as false
+
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
     resources: ResourcesConfig = ResourcesConfig()
@@ -154,6 +160,15 @@ class ANTConfig(TrainConfig):
     affinity: AffinityConfig = AffinityConfig()
     init_model: Optional[str] = None  # start from a diffusers folder instead of model.base
 
+    @model_validator(mode="after")
+    def _known_method(self) -> "ANTConfig":
+        from ant_ray.mtl import MTL_METHODS
+
+        MTL_METHODS.get(self.method)  # raises listing the choices
+        if self.min_size is not None and self.max_size is not None and self.min_size > self.max_size:
+            raise ValueError("ant.min_size must be <= ant.max_size")
+        return self
+
 
 class MergeSearchConfig(Section):
     method: Literal["linear", "ties"] = "linear"
@@ -189,8 +204,20 @@ class MergeSearchConfig(Section):
 
 
 class ComparisonConfig(Section):
-    """`ant-ray compare-deme`: the finetuning seeds each arm is run with."""
+    """`ant-ray compare-deme` / `compare-ant`: the seeds each arm runs with; for ANT, the methods x clusterings."""
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    ant_methods: list[str] = Field(default_factory=lambda: ["uw", "pcgrad", "nash_mtl", "uw_pcgrad"])
+    ant_clusterings: list[Literal["timestep", "snr", "gradient"]] = Field(
+        default_factory=lambda: ["timestep", "snr", "gradient"])
+
+    @field_validator("ant_methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        from ant_ray.mtl import MTL_METHODS
+
+        for name in methods:
+            MTL_METHODS.get(name)  # raises listing the choices
+        return methods
 
 
 class PipelineConfig(Section):

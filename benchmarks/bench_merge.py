@@ -16,18 +16,11 @@ import statistics
 import time
 
 import torch
-from diffusers import UNet2DModel
 
 from ant_ray.deme.projection import add_channel_projections
+from ant_ray.diffusion import build_model
 from ant_ray.merge import TaskVectorMerger, state_dict_fingerprint
 
-# google/ddpm-cifar10-32 config.json (architecture fields)
-DDPM_CIFAR10 = dict(
-    sample_size=32, in_channels=3, out_channels=3, block_out_channels=(128, 256, 256, 256), layers_per_block=2,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-    up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), attention_head_dim=None,
-    norm_num_groups=32, norm_eps=1e-6, downsample_padding=0, flip_sin_to_cos=False, freq_shift=1,
-)
 LAYER_GROUPS = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks.", "other": ""}
 
 
@@ -60,7 +53,7 @@ def main() -> None:
     device = torch.device(args.device)
 
     torch.manual_seed(0)
-    unet = UNet2DModel(**DDPM_CIFAR10)
+    unet = build_model("ddpm-cifar10", resolution=32, channels=3)
     parameters = sum(parameter.numel() for parameter in unet.parameters())
     print(f"ddpm-cifar10 UNet2DModel: {parameters:,} parameters")
     if not 35_700_000 <= parameters <= 35_800_000:

@@ -4,12 +4,16 @@
         --set output_dir=/shared/ant_ray_runs
 
 Under `ray job submit` the working directory is a temporary copy: give output_dir an absolute path on shared
-storage (and MLFLOW_TRACKING_URI a real server) so results outlive the job.
+storage (and MLFLOW_TRACKING_URI a real server) so results outlive the job. Any `ant-ray run` flag works here.
 """
 
 import sys
+from pathlib import Path
 
-from ant_ray.cli import main
+# The uploaded working directory holds the package; Ray puts it on the workers' path, this puts it on ours.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from ant_ray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["run", *sys.argv[1:]]))

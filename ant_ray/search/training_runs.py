@@ -78,9 +78,10 @@ def finetune_seed(cfg: PipelineConfig) -> int:
 
 
 @ray.remote(num_cpus=0)
-def _fit_remote(cfg_dump: dict, name: str, storage: str, loop: dict) -> str:
-    # An orchestration task only: the trainer's workers hold the declared resources.
-    fit_diffusion(PipelineConfig.model_validate(cfg_dump), name=name, storage=Path(storage), section="finetune",
+def fit_remote(cfg_dump: dict, name: str, storage: str, loop: dict, section: str = "finetune") -> str:
+    """`fit_diffusion` as a Ray task, so several training runs go concurrently. An orchestration task only: the
+    trainer's workers hold the declared resources."""
+    fit_diffusion(PipelineConfig.model_validate(cfg_dump), name=name, storage=Path(storage), section=section,
                   loop=loop)
     return loop["output_model"]
 
@@ -91,7 +92,7 @@ def finetune_plain(cfg: PipelineConfig, *, base_model: Path, out: Path, name: st
     loss): the baseline DeMe compares against. Returns a Ray reference to the output folder."""
     loop = {"range": None, "init_model": str(base_model), "teacher_model": None, "output_model": str(out),
             "tracking": tracking, "seed": finetune_seed(cfg)}
-    return _fit_remote.remote(cfg.model_dump(mode="json"), name, str(cfg.output_path() / "ray_results"), loop)
+    return fit_remote.remote(cfg.model_dump(mode="json"), name, str(cfg.output_path() / "ray_results"), loop)
 
 
 def finetune_specialists(cfg: PipelineConfig, *, base_model: Path, run_dir: Path, run_key: str,
@@ -102,6 +103,6 @@ def finetune_specialists(cfg: PipelineConfig, *, base_model: Path, run_dir: Path
         out = run_dir / "finetune" / f"specialist_{i}" / "model"
         loop = {"range": list(time_range), "init_model": str(base_model), "teacher_model": str(base_model),
                 "output_model": str(out), "tracking": trackings[i], "seed": finetune_seed(cfg) + i}
-        pending.append(_fit_remote.remote(cfg.model_dump(mode="json"), f"specialist-{run_key}-{i}",
+        pending.append(fit_remote.remote(cfg.model_dump(mode="json"), f"specialist-{run_key}-{i}",
                                           str(cfg.output_path() / "ray_results"), loop))
     return [Path(p) for p in ray.get(pending)]
