@@ -8,13 +8,11 @@ MLflow parent run with a child per (arm, seed), and a Markdown table of mean and
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
 from ant_ray.config import PipelineConfig
 from ant_ray.search.ant_runs import run_ant
-from ant_ray.search.deme_comparison import ComparisonResult
+from ant_ray.search.comparison_table import ComparisonResult
 from ant_ray.tracking import TrackedRun, setup_experiment
 
 
@@ -45,14 +43,7 @@ def run_ant_comparison(cfg: PipelineConfig, seeds: list[int], *, report: Path | 
                 result.scores.setdefault(arm, []).append(float(outcome.fid))
                 print(f"[ant_ray] seed {seed} {arm}: {outcome.metric} {outcome.fid:.3f}", flush=True)
         assert result is not None
-        for arm, values in result.scores.items():
-            key = "".join(c if c.isalnum() else "_" for c in arm).strip("_").lower()
-            parent.log_metrics({f"{key}_mean": statistics.mean(values)})
-        table = result.markdown(f"{cfg.name}: ANT comparison, {time.strftime('%Y-%m-%d')}")
-        if report is not None:
-            report.parent.mkdir(parents=True, exist_ok=True)
-            report.write_text(table + "\n")
-            parent.log_artifact(report)
+        result.publish(parent, f"{cfg.name}: ANT comparison", report)
         parent.finish()
         return result
     except BaseException:

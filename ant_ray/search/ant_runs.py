@@ -31,8 +31,9 @@ from ant_ray.ant.clustering import interval_clustering
 from ant_ray.ant.train import train_ant
 from ant_ray.config import PipelineConfig
 from ant_ray.diffusion import NoiseSchedule, build_model, build_weighting, load_model, model_denoiser
-from ant_ray.evaluation import FIDScorer, load_reference_dataset, metric_name, pick_device
+from ant_ray.evaluation import load_reference_dataset, metric_name, pick_device
 from ant_ray.search.ray_runtime import start_ray
+from ant_ray.search.scoring import score_in_parallel
 from ant_ray.search.training_runs import fit_diffusion, scaling_config
 from ant_ray.tracking import TrackedRun, setup_experiment, tracking_env, ui_command
 
@@ -111,13 +112,6 @@ def measure_affinity(cfg: PipelineConfig, model_source: str | None, device: torc
 @ray.remote
 def _measure_affinity_remote(cfg_dump: dict, model_source: str | None) -> np.ndarray:
     return measure_affinity(PipelineConfig.model_validate(cfg_dump), model_source)
-
-
-@ray.remote
-def _score_remote(cfg_dump: dict, cache_dir: str, model_dir: str) -> float:
-    cfg = PipelineConfig.model_validate(cfg_dump)
-    scorer = FIDScorer(cfg, Path(cache_dir))
-    return scorer.score(model_denoiser(load_model(model_dir).to(scorer.device).eval()))
 
 
 def _task_options(cfg: PipelineConfig) -> dict[str, float]:
@@ -230,8 +224,8 @@ def run_ant(cfg: PipelineConfig, *, resume_from: str | Path | None = None, score
         # 3. FID of the EMA model
         if score:
             _log(f"scoring the EMA model ({result.metric})")
-            result.fid = float(ray.get(_score_remote.options(**_task_options(cfg)).remote(
-                cfg_dump, str(out / "cache" / "fid"), str(result.ema_model))))
+            result.fid = score_in_parallel(cfg, out / "cache" / "fid", {"ema": ([str(result.ema_model)], None)},
+                                           resources=ant.resources)["ema"]
             run.log_metrics({result.metric: result.fid}, step=ant.steps)
         result.seconds = time.time() - started
         run.log_metrics({"seconds": result.seconds}, step=ant.steps)

@@ -9,15 +9,14 @@ iterations, the iterations DeMe spends on its N specialists. Results: one MLflow
 
 from __future__ import annotations
 
-import statistics
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
 
 from ant_ray.config import PipelineConfig
-from ant_ray.search.pipeline import run_pipeline, score_in_parallel
+from ant_ray.search.comparison_table import ComparisonResult, slug
+from ant_ray.search.pipeline import run_pipeline
+from ant_ray.search.scoring import score_in_parallel
 from ant_ray.search.ray_runtime import start_ray
 from ant_ray.search.training_runs import finetune_plain
 from ant_ray.tracking import TrackedRun, setup_experiment, tracking_env
@@ -32,22 +31,6 @@ BASELINES = {
 }
 PIPELINE_ARMS = {"pretrained": "pretrained", "DeMe ensemble": "DeMe ensemble (before merge)",
                  "DeMe merged": "DeMe merged (best weights)"}
-
-
-@dataclass
-class ComparisonResult:
-    metric: str
-    seeds: list[int]
-    scores: dict[str, list[float]] = field(default_factory=dict)  # arm -> one FID per seed
-
-    def markdown(self, title: str) -> str:
-        lines = [f"### {title}", "", f"| arm | {self.metric} mean | std | per seed ({', '.join(map(str, self.seeds))}) |",
-                 "| --- | --- | --- | --- |"]
-        for arm, values in self.scores.items():
-            std = statistics.stdev(values) if len(values) > 1 else 0.0
-            lines.append(f"| {arm} | {statistics.mean(values):.2f} | {std:.2f} | "
-                         f"{', '.join(f'{v:.2f}' for v in values)} |")
-        return "\n".join(lines)
 
 
 def run_deme_comparison(cfg: PipelineConfig, seeds: list[int], *, report: Path | None = None) -> ComparisonResult:
@@ -79,8 +62,8 @@ def run_deme_comparison(cfg: PipelineConfig, seeds: list[int], *, report: Path |
                 runs[arm] = TrackedRun.start(uri, experiment_id, f"{arm} seed {seed}", parent_run_id=parent.run_id,
                                              tags={"ant_ray.stage": "baseline_finetune"})
                 runs[arm].log_params({"weighting": weighting, **options, "steps": total_steps, "seed": seed})
-                out = deme.run_dir / "baselines" / _slug(arm) / "model"
-                refs[arm] = finetune_plain(arm_cfg, base_model=base, out=out, name=f"{_slug(arm)}-{deme.run_dir.name}",
+                out = deme.run_dir / "baselines" / slug(arm) / "model"
+                refs[arm] = finetune_plain(arm_cfg, base_model=base, out=out, name=f"{slug(arm)}-{deme.run_dir.name}",
                                            tracking=runs[arm].handle())
             folders = dict(zip(refs, ray.get(list(refs.values()))))
             scores = score_in_parallel(seed_cfg, seed_cfg.output_path() / "cache" / "fid",
@@ -94,13 +77,7 @@ def run_deme_comparison(cfg: PipelineConfig, seeds: list[int], *, report: Path |
         assert result is not None
         order = ["pretrained", *BASELINES, "DeMe ensemble", "DeMe merged"]
         result.scores = {arm: result.scores[arm] for arm in order}
-        for arm, values in result.scores.items():
-            parent.log_metrics({f"{_slug(arm)}_mean": statistics.mean(values)})
-        table = result.markdown(f"{cfg.name}: DeMe comparison, {time.strftime('%Y-%m-%d')}")
-        if report is not None:
-            report.parent.mkdir(parents=True, exist_ok=True)
-            report.write_text(table + "\n")
-            parent.log_artifact(report)
+        result.publish(parent, f"{cfg.name}: DeMe comparison", report)
         parent.finish()
         return result
     except BaseException:
@@ -112,7 +89,3 @@ def _cached_pretrained(cfg: PipelineConfig) -> Path:
     from ant_ray.search.training_runs import pretrain_key
 
     return cfg.output_path() / "cache" / "pretrained" / pretrain_key(cfg)
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in text).strip("_").lower()

@@ -12,17 +12,17 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
 
 from ant_ray.config import PipelineConfig
 from ant_ray.deme.projection import add_channel_projections, channel_projection_places
 from ant_ray.deme.ranges import specialist_ranges
-from ant_ray.diffusion import build_model, load_model, model_denoiser, routed_denoiser, save_model
+from ant_ray.diffusion import build_model, load_model, model_denoiser, save_model
 from ant_ray.data import save_image_grid
 from ant_ray.evaluation import FIDScorer, load_reference_dataset, metric_name
 from ant_ray.merge import TaskVectorMerger, load_task_vector, save_task_vector, state_dict_fingerprint
 from ant_ray.search.merge_search import grid_size, search_merge_weights
 from ant_ray.search.ray_runtime import start_ray
+from ant_ray.search.scoring import score_in_parallel
 from ant_ray.search.training_runs import finetune_specialists, pretrained_model
 from ant_ray.tracking import TrackedRun, setup_experiment, tracking_env, ui_command
 
@@ -68,28 +68,6 @@ def _metric_key(label: str) -> str:
 
 def _log(message: str) -> None:
     print(f"[ant_ray {time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-@ray.remote(num_cpus=0)
-def _score_remote(cfg_dump: dict, cache_dir: str, model_dirs: list[str], ranges: list[list[int]] | None) -> float:
-    """FID of one model, or of DeMe's routed ensemble when several models and their ranges are given."""
-    cfg = PipelineConfig.model_validate(cfg_dump)
-    scorer = FIDScorer(cfg, Path(cache_dir))
-    models = [load_model(d).to(scorer.device).eval() for d in model_dirs]
-    denoisers = [model_denoiser(m) for m in models]
-    denoiser = denoisers[0] if ranges is None else routed_denoiser([tuple(r) for r in ranges], denoisers)
-    return scorer.score(denoiser)
-
-
-def score_in_parallel(cfg: PipelineConfig, cache_dir: Path,
-                      jobs: dict[str, tuple[list[str], list[list[int]] | None]]) -> dict[str, float]:
-    """FID of each job (model folders, and ranges for a routed ensemble) as concurrent Ray tasks with the
-    merge_search resources (one GPU each on a cluster)."""
-    r = cfg.merge_search.resources
-    cfg_dump = cfg.model_dump(mode="json")
-    refs = {k: _score_remote.options(num_cpus=r.cpu, num_gpus=r.gpu).remote(cfg_dump, str(cache_dir), dirs, rr)
-            for k, (dirs, rr) in jobs.items()}
-    return dict(zip(refs, ray.get(list(refs.values()))))
 
 
 def check_inputs(cfg: PipelineConfig) -> None:
