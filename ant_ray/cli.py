@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the pipeline from a YAML config",
                          description="Run pretrain -> DeMe specialists -> merge-weight search from a config file.")
     _add_config_args(run, config_required=True)
+    run.add_argument("--resume", default=None, metavar="RUN_DIR",
+                     help="continue an interrupted run: finished specialists are kept, interrupted ones continue "
+                          "from their last checkpoint, the merge search runs again")
 
     ant = sub.add_parser("train-ant", help="train with ANT clustered MTL from a YAML config (the ant: section)",
                          description="Cluster the timesteps (ant.clustering), train with an MTL method over the "
@@ -151,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     from ant_ray.search.pipeline import run_pipeline
 
     try:
-        result = run_pipeline(cfg)
+        result = run_pipeline(cfg, resume=Path(args.resume) if getattr(args, "resume", None) else None)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -146,6 +146,13 @@ class AffinityConfig(Section):
     samples_per_bucket: int = Field(32, ge=1)
     sketch_dim: Optional[int] = Field(None, ge=16)  # None: exact (buckets x P memory); else random projection
     warmup_steps: int = Field(0, ge=0)  # plain training steps before measuring affinity (0: use model.base as is)
+    checkpoints: int = Field(1, ge=1)  # average the affinity at warmup_steps x 1..checkpoints (ANT Sec. 3.2)
+
+    @model_validator(mode="after")
+    def _checkpoints_need_warmup(self) -> "AffinityConfig":
+        if self.checkpoints > 1 and self.warmup_steps == 0:
+            raise ValueError("ant.affinity.checkpoints > 1 averages over training: set ant.affinity.warmup_steps > 0")
+        return self
 
 
 class ANTConfig(TrainConfig):

@@ -376,9 +376,13 @@ def test_run_ant_two_workers_uw_gradient_clustering_equals_one_worker(local_ray,
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     settings = ["ant.method=uw", "ant.steps=3", "ant.checkpoint_every=2", "ant.resources.num_workers=2",
                 "ant.clustering=gradient", "ant.affinity.buckets=10", "ant.affinity.samples_per_bucket=4",
-                "ant.weighting.name=p2", "fid.num_samples=32", "fid.batch_size=32", "sampler.steps=2"]
+                "ant.weighting.name=p2", "fid.num_samples=32", "fid.batch_size=32", "sampler.steps=2",
+                "ant.affinity.warmup_steps=1", "ant.affinity.checkpoints=2"]
     cfg = ant_config(*settings, tmp=tmp_path)
     result = run_ant(cfg)
+    # affinity averaged over two points of warm-up training (the second continues the first)
+    assert {p.name for p in (result.run_dir / "affinity").glob("warmup_model_*")} == {"warmup_model_1",
+                                                                                     "warmup_model_2"}
 
     assert len(result.intervals) == K and result.intervals[0][0] == 0 and result.intervals[-1][1] == 1000
     assert np.load(result.affinity_file).shape == (10, 10)

@@ -91,3 +91,23 @@ def test_cli_rejects_bad_config_before_starting(capsys, tmp_path):
     assert cli_main(["demo", "--set", "finetune.p=3", "--output-dir", str(tmp_path)]) == 2
     assert "finetune.p" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_resume_keeps_finished_specialists(pipeline_result):
+    cfg, first = pipeline_result
+    before = {p.name: p.read_bytes() for p in (first.run_dir / "task_vectors").iterdir()}
+    specialist_files = sorted((first.run_dir / "finetune").rglob("*.safetensors"))
+    mtimes = [p.stat().st_mtime_ns for p in specialist_files]
+    resumed = run_pipeline(cfg, resume=first.run_dir)
+    assert resumed.run_dir == first.run_dir
+    assert [p.stat().st_mtime_ns for p in specialist_files] == mtimes  # not retrained
+    assert {p.name: p.read_bytes() for p in (first.run_dir / "task_vectors").iterdir()} == before
+    for key in ("pretrained", "specialist 0 [0, 500]", "DeMe ensemble (before merge)"):
+        assert resumed.scores[key] == pytest.approx(first.scores[key])  # same models, same sampling seed
+
+
+def test_resume_refuses_another_config(pipeline_result):
+    cfg, first = pipeline_result
+    other = load_config("search_spaces/demo.yaml", TINY + [f"output_dir={cfg.output_dir}", "finetune.p=0.9"])
+    with pytest.raises(ValueError, match="another configuration"):
+        run_pipeline(other, resume=first.run_dir)

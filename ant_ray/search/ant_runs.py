@@ -25,7 +25,7 @@ import torch
 from ray.train import FailureConfig, RunConfig
 from ray.train.torch import TorchTrainer
 
-from ant_ray.ant.affinity import affinity_heatmap, expand_bucket_affinity
+from ant_ray.ant.affinity import affinity_heatmap, average_affinity, expand_bucket_affinity
 from ant_ray.ant.affinity_stage import bucket_affinity, draw_affinity_batch
 from ant_ray.ant.clustering import interval_clustering
 from ant_ray.ant.train import train_ant
@@ -119,19 +119,26 @@ def _task_options(cfg: PipelineConfig) -> dict[str, float]:
     return {"num_cpus": cfg.ant.resources.cpu, "num_gpus": cfg.ant.resources.gpu}
 
 
-def _affinity_model(cfg: PipelineConfig, run_dir: Path, run_key: str) -> str | None:
-    """The model whose affinity is measured: ant.init_model (or model.base), after warmup_steps of plain training
-    (the same diffusion loop as pretraining) when asked. ANT training itself still starts from the unwarmed model."""
+def _affinity_models(cfg: PipelineConfig, run_dir: Path, run_key: str) -> list[str | None]:
+    """The models whose affinity is measured and averaged (ANT Sec. 3.2 averages over training): ant.init_model
+    (or model.base) after warmup_steps x j of plain training (the pretraining loop), j = 1..checkpoints; each
+    stage continues the previous one (same Ray Train run, resumed from its checkpoint). With warmup_steps = 0,
+    the starting model itself. ANT training still starts from the unwarmed model."""
     start = cfg.ant.init_model
-    warmup = cfg.ant.affinity.warmup_steps
-    if warmup == 0:
-        return start
-    out = run_dir / "affinity" / "warmup_model"
-    warm_cfg = cfg.model_copy(update={"ant": cfg.ant.model_copy(update={"steps": warmup, "checkpoint_every": warmup})})
-    fit_diffusion(warm_cfg, name=f"ant-warmup-{cfg.name}-{run_key}", storage=cfg.output_path() / "ray_results",
-                  section="ant", loop={"range": None, "init_model": start, "teacher_model": None,
-                                       "output_model": str(out), "tracking": None, "seed": cfg.seed})
-    return str(out)
+    settings = cfg.ant.affinity
+    if settings.warmup_steps == 0:
+        return [start]
+    models: list[str | None] = []
+    for j in range(1, settings.checkpoints + 1):
+        steps = settings.warmup_steps * j
+        out = run_dir / "affinity" / f"warmup_model_{steps}"
+        warm_cfg = cfg.model_copy(update={"ant": cfg.ant.model_copy(
+            update={"steps": steps, "checkpoint_every": settings.warmup_steps})})
+        fit_diffusion(warm_cfg, name=f"ant-warmup-{cfg.name}-{run_key}", storage=cfg.output_path() / "ray_results",
+                      section="ant", loop={"range": None, "init_model": start, "teacher_model": None,
+                                           "output_model": str(out), "tracking": None, "seed": cfg.seed})
+        models.append(str(out))
+    return models
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -193,9 +200,10 @@ def run_ant(cfg: PipelineConfig, *, resume_from: str | Path | None = None, score
         # 1. clusters
         affinity = None
         if ant.clustering == "gradient":
-            source = _affinity_model(cfg, run_dir, run_key)
-            _log(f"measuring task affinity ({ant.affinity.buckets} buckets) of {source or cfg.model.base}")
-            affinity = ray.get(_measure_affinity_remote.options(**_task_options(cfg)).remote(cfg_dump, source))
+            sources = _affinity_models(cfg, run_dir, run_key)
+            _log(f"measuring task affinity ({ant.affinity.buckets} buckets) of {len(sources)} checkpoint(s)")
+            affinity = average_affinity(ray.get([_measure_affinity_remote.options(**_task_options(cfg)).remote(
+                cfg_dump, source) for source in sources]))
             folder = run_dir / "affinity"
             folder.mkdir(parents=True, exist_ok=True)
             np.save(folder / "bucket_affinity.npy", affinity)

@@ -12,6 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 
 from ant_ray.config import PipelineConfig
 from ant_ray.deme.projection import add_channel_projections, channel_projection_places
@@ -82,19 +83,41 @@ def check_inputs(cfg: PipelineConfig) -> None:
         ensure_inception_weights()
 
 
-def run_pipeline(cfg: PipelineConfig, *, parent_run_id: str | None = None) -> PipelineResult:
+def _prepare_run_dir(cfg: PipelineConfig, resume: Path | None) -> tuple[Path, str]:
+    """A new run directory with the config saved in it, or the one to resume after checking its config matches."""
+    config_text = yaml.safe_dump(cfg.model_dump(mode="json", exclude={"ray"}), sort_keys=True)
+    if resume is None:
+        run_key = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        run_dir = cfg.output_path() / "runs" / f"{cfg.name}-{run_key}"
+        run_dir.mkdir(parents=True, exist_ok=False)
+        (run_dir / "config.yaml").write_text(config_text)
+        return run_dir, run_key
+    run_dir = Path(resume).expanduser().resolve()
+    saved = run_dir / "config.yaml"
+    if not saved.is_file() or not run_dir.name.startswith(f"{cfg.name}-"):
+        raise ValueError(f"--resume {run_dir} is not a run directory of {cfg.name!r} (expected "
+                         f"{cfg.output_path() / 'runs'}/{cfg.name}-<date>-<id> with a config.yaml)")
+    if saved.read_text() != config_text:
+        raise ValueError(f"--resume {run_dir}: that run used another configuration (see its config.yaml); resume "
+                         "with the same config and --set overrides, or start a new run")
+    return run_dir, run_dir.name.removeprefix(f"{cfg.name}-")
+
+
+def run_pipeline(cfg: PipelineConfig, *, parent_run_id: str | None = None,
+                 resume: Path | None = None) -> PipelineResult:
+    """Run the pipeline; `resume` continues an interrupted run directory: finished specialists are kept,
+    interrupted ones continue from their last checkpoint, and the merge search runs again."""
     started = time.time()
     check_inputs(cfg)
     out = cfg.output_path()
     cache_dir = out / "cache" / "fid"
-    run_key = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    run_dir = out / "runs" / f"{cfg.name}-{run_key}"
-    run_dir.mkdir(parents=True, exist_ok=False)
+    run_dir, run_key = _prepare_run_dir(cfg, resume)
 
     uri = cfg.tracking_uri()
     experiment_id = setup_experiment(uri, cfg.tracking.experiment, out / "mlartifacts")
     pipeline = TrackedRun.start(uri, experiment_id, f"{cfg.name}-{run_key}", parent_run_id=parent_run_id,
-                                tags={"ant_ray.stage": "pipeline", "ant_ray.run_dir": str(run_dir)})
+                                tags={"ant_ray.stage": "pipeline", "ant_ray.run_dir": str(run_dir),
+                                      "ant_ray.resumed": resume is not None})
     pipeline.log_params(cfg.model_dump(mode="json"))
     result = PipelineResult(metric=metric_name(cfg), run_dir=run_dir, tracking_uri=uri,
                             pipeline_run_id=pipeline.run_id, ranges=specialist_ranges(cfg))

@@ -97,12 +97,17 @@ def finetune_plain(cfg: PipelineConfig, *, base_model: Path, out: Path, name: st
 
 def finetune_specialists(cfg: PipelineConfig, *, base_model: Path, run_dir: Path, run_key: str,
                          trackings: list[dict | None]) -> list[Path]:
-    """Launch all N specialist finetunes at once (each its own Ray Train run) and wait for them."""
+    """Launch all N specialist finetunes at once (each its own Ray Train run) and wait for them. In a resumed run
+    a finished specialist (its model folder exists) is kept, and an interrupted one continues from its last
+    checkpoint (same Ray Train run name and storage)."""
     pending = []
     for i, time_range in enumerate(specialist_ranges(cfg)):
         out = run_dir / "finetune" / f"specialist_{i}" / "model"
+        if (out / "config.json").is_file():
+            pending.append(str(out))
+            continue
         loop = {"range": list(time_range), "init_model": str(base_model), "teacher_model": str(base_model),
                 "output_model": str(out), "tracking": trackings[i], "seed": finetune_seed(cfg) + i}
         pending.append(fit_remote.remote(cfg.model_dump(mode="json"), f"specialist-{run_key}-{i}",
                                           str(cfg.output_path() / "ray_results"), loop))
-    return [Path(p) for p in ray.get(pending)]
+    return [Path(p if isinstance(p, str) else ray.get(p)) for p in pending]
