@@ -58,7 +58,7 @@ from ant_ray.diffusion import (NoiseSchedule, build_model, build_weighting, diff
                                model_denoiser, save_model)
 from ant_ray.mtl import MTLMethod, build_mtl_method, flat_grad, flatten_grads, write_flat_grad
 from ant_ray.tracking import TrackedRun, loss_curve_figure
-from ant_ray.training_state import load_training_state, save_training_state
+from ant_ray.training_state import load_training_state, save_training_state, step_seed
 
 TIMESTEP_SAMPLING = ("uniform", "stratified")
 _MTL_PREFIX = "mtl."  # key prefix of the MTL method's tensors in the checkpoint's extra.safetensors
@@ -126,11 +126,6 @@ def sample_cluster_timesteps(batch: int, intervals: Sequence[tuple[int, int]], m
     offset = (torch.rand(batch, generator=generator, dtype=torch.float64) * widths[cluster]).long()
     t = starts[cluster] + torch.minimum(offset, widths[cluster] - 1)
     return t[torch.randperm(batch, generator=generator)]
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """Seed of the global torch RNG (dropout) for one step on one rank: resume reproduces it from the step alone."""
-    return ((seed * 1_000_003 + step) * 10_007 + rank) % (2**63 - 1)
 
 
 def worker_device(device: str) -> torch.device:

@@ -28,7 +28,7 @@ from ant_ray.data import iterate_batches, load_dataset, save_image_grid
 from ant_ray.diffusion import (NoiseSchedule, build_model, build_weighting, load_model, model_denoiser,
                                per_sample_loss, sample_images, save_model, weighted_loss)
 from ant_ray.tracking import TrackedRun, loss_curve_figure
-from ant_ray.training_state import load_training_state, save_training_state
+from ant_ray.training_state import load_training_state, save_training_state, step_seed
 
 AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -120,6 +120,7 @@ def train_diffusion(loop_config: dict[str, Any]) -> None:
                                       world_size=world)
             batches = itertools.islice(batches, offset, None)
         idx = next(batches)
+        torch.manual_seed(step_seed(seed, step, rank))  # dropout masks: a resumed run redraws the same ones
         gen = step_generator(seed, step)
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
         t_all = sample_timesteps(train.batch_size, cfg.diffusion.T, time_range, p, gen)[mine]
