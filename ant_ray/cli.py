@@ -25,6 +25,13 @@ def _add_config_args(parser: argparse.ArgumentParser, config_required: bool) -> 
     parser.add_argument("--output-dir", default=None, help="where runs, caches and the MLflow store go")
 
 
+def _add_comparison_parser(sub, name: str, summary: str, description: str, example_report: str) -> None:
+    parser = sub.add_parser(name, help=summary, description=description)
+    _add_config_args(parser, config_required=True)
+    parser.add_argument("--report", default=None, metavar="PATH",
+                        help=f"also write the Markdown table here (e.g. benchmarks/{example_report})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ant-ray", description=(
         "Distributed search for diffusion models trained as multi-task learners (ANT clustering, DeMe merging) "
@@ -50,21 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
     ant.add_argument("--resume-from", default=None, metavar="CHECKPOINT",
                      help="continue from the checkpoint/ folder of an earlier train-ant run")
 
-    compare = sub.add_parser("compare-deme", help="DeMe's comparison: pretrained vs finetune baselines vs DeMe",
-                             description="Run pretrained, plain finetune, each loss-weighting baseline (SNR+1, "
-                                         "truncated SNR, min-SNR, P2), DeMe ensemble and DeMe merged for every seed "
-                                         "in comparison.seeds, and write a mean/std table to MLflow and --report.")
-    _add_config_args(compare, config_required=True)
-    compare.add_argument("--report", default=None, metavar="PATH",
-                         help="also write the Markdown table here (e.g. benchmarks/deme_comparison_digits.md)")
-
-    compare_ant = sub.add_parser("compare-ant", help="ANT's comparison: vanilla vs MTL methods x clusterings",
-                                 description="Train vanilla (k=1, LS) and ANT with every method in "
-                                             "comparison.ant_methods and clustering in comparison.ant_clusterings, "
-                                             "for every seed in comparison.seeds, and write a mean/std FID table.")
-    _add_config_args(compare_ant, config_required=True)
-    compare_ant.add_argument("--report", default=None, metavar="PATH",
-                             help="also write the Markdown table here (e.g. benchmarks/ant_comparison_digits.md)")
+    _add_comparison_parser(sub, "compare-deme", "DeMe's comparison: pretrained vs finetune baselines vs DeMe",
+                           "Run pretrained, plain finetune, each loss-weighting baseline (SNR+1, truncated SNR, "
+                           "min-SNR, P2), DeMe ensemble and DeMe merged for every seed in comparison.seeds, and "
+                           "write a mean/std table to MLflow and --report.", "deme_comparison_digits.md")
+    _add_comparison_parser(sub, "compare-ant", "ANT's comparison: vanilla vs MTL methods x clusterings",
+                           "Train vanilla (k=1, LS) and ANT with every method in comparison.ant_methods and "
+                           "clustering in comparison.ant_clusterings, for every seed in comparison.seeds, and write "
+                           "a mean/std FID table.", "ant_comparison_digits.md")
 
     analyze = sub.add_parser("analyze", help="analyses of a trained setup (ntg: negative transfer gap)",
                              description="Analyses from the ANT paper.")

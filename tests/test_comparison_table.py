@@ -4,7 +4,7 @@ from mlflow.tracking import MlflowClient
 
 from ant_ray.config import load_config
 from ant_ray.search.ant_comparison import comparison_arms
-from ant_ray.search.comparison_table import ComparisonResult
+from ant_ray.search.comparison_table import ComparisonResult, start_comparison_run
 from ant_ray.tracking import TrackedRun, setup_experiment
 
 
@@ -27,3 +27,12 @@ def test_ant_comparison_arms():
     assert len(arms) == 1 + 4 * 3
     assert arms["vanilla"]["k"] == 1 and arms["vanilla"]["method"] == "ls"
     assert arms["ANT-nash_mtl (gradient)"] == {"method": "nash_mtl", "clustering": "gradient"}
+
+
+def test_start_comparison_run(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(None, [f"output_dir={tmp_path}"])
+    parent, experiment_id = start_comparison_run(cfg, [0, 1], "deme_comparison")
+    got = MlflowClient(cfg.tracking_uri()).get_run(parent.run_id)
+    assert got.info.experiment_id == experiment_id and got.info.run_name == "ant_ray-deme-comparison"
+    assert got.data.tags["ant_ray.stage"] == "deme_comparison" and got.data.params["seeds"] == "[0, 1]"

@@ -12,8 +12,7 @@ from pathlib import Path
 
 from ant_ray.config import PipelineConfig
 from ant_ray.search.ant_runs import run_ant
-from ant_ray.search.comparison_table import ComparisonResult
-from ant_ray.tracking import TrackedRun, setup_experiment
+from ant_ray.search.comparison_table import ComparisonResult, start_comparison_run
 
 
 def comparison_arms(cfg: PipelineConfig) -> dict[str, dict]:
@@ -26,11 +25,7 @@ def comparison_arms(cfg: PipelineConfig) -> dict[str, dict]:
 
 
 def run_ant_comparison(cfg: PipelineConfig, seeds: list[int], *, report: Path | None = None) -> ComparisonResult:
-    uri = cfg.tracking_uri()
-    experiment_id = setup_experiment(uri, cfg.tracking.experiment, cfg.output_path() / "mlartifacts")
-    parent = TrackedRun.start(uri, experiment_id, f"{cfg.name}-ant-comparison",
-                              tags={"ant_ray.stage": "ant_comparison"})
-    parent.log_params({"seeds": seeds, **cfg.model_dump(mode="json")})
+    parent, _ = start_comparison_run(cfg, seeds, "ant_comparison")
     arms = comparison_arms(cfg)
     result: ComparisonResult | None = None
     try:

@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ant_ray.tracking import TrackedRun
+from ant_ray.config import PipelineConfig
+from ant_ray.tracking import TrackedRun, setup_experiment
 
 
 def slug(text: str) -> str:
@@ -37,3 +38,13 @@ class ComparisonResult:
             report.parent.mkdir(parents=True, exist_ok=True)
             report.write_text(self.markdown(f"{title}, {time.strftime('%Y-%m-%d')}") + "\n")
             run.log_artifact(report)
+
+
+def start_comparison_run(cfg: PipelineConfig, seeds: list[int], stage: str) -> tuple[TrackedRun, str]:
+    """The parent MLflow run of a comparison (every arm x seed is its child); returns it and the experiment id."""
+    uri = cfg.tracking_uri()
+    experiment_id = setup_experiment(uri, cfg.tracking.experiment, cfg.output_path() / "mlartifacts")
+    parent = TrackedRun.start(uri, experiment_id, f"{cfg.name}-{stage.replace('_', '-')}",
+                              tags={"ant_ray.stage": stage})
+    parent.log_params({"seeds": seeds, **cfg.model_dump(mode="json")})
+    return parent, experiment_id

@@ -14,12 +14,12 @@ from pathlib import Path
 import ray
 
 from ant_ray.config import PipelineConfig
-from ant_ray.search.comparison_table import ComparisonResult, slug
+from ant_ray.search.comparison_table import ComparisonResult, slug, start_comparison_run
 from ant_ray.search.pipeline import run_pipeline
 from ant_ray.search.scoring import score_in_parallel
 from ant_ray.search.ray_runtime import start_ray
 from ant_ray.search.training_runs import finetune_plain
-from ant_ray.tracking import TrackedRun, setup_experiment, tracking_env
+from ant_ray.tracking import TrackedRun, tracking_env
 
 # name -> (weighting, options): the baselines of DeMe Table 1 (min-SNR from Hang et al.)
 BASELINES = {
@@ -34,11 +34,8 @@ PIPELINE_ARMS = {"pretrained": "pretrained", "DeMe ensemble": "DeMe ensemble (be
 
 
 def run_deme_comparison(cfg: PipelineConfig, seeds: list[int], *, report: Path | None = None) -> ComparisonResult:
+    parent, experiment_id = start_comparison_run(cfg, seeds, "deme_comparison")
     uri = cfg.tracking_uri()
-    experiment_id = setup_experiment(uri, cfg.tracking.experiment, cfg.output_path() / "mlartifacts")
-    parent = TrackedRun.start(uri, experiment_id, f"{cfg.name}-comparison",
-                              tags={"ant_ray.stage": "deme_comparison"})
-    parent.log_params({"seeds": seeds, **cfg.model_dump(mode="json")})
     start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=tracking_env(uri))
     n = cfg.finetune.num_specialists
     total_steps = n * cfg.finetune.steps
