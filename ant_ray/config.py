@@ -216,6 +216,8 @@ class ComparisonConfig(Section):
     ant_methods: list[str] = Field(default_factory=lambda: ["uw", "pcgrad", "nash_mtl", "uw_pcgrad"])
     ant_clusterings: list[Literal["timestep", "snr", "gradient"]] = Field(
         default_factory=lambda: ["timestep", "snr", "gradient"])
+    # compare-ant: how many (arm, seed) runs go at once (each holds ant.resources; size ray.num_cpus to match).
+    max_concurrent: int = Field(default=1, ge=1)
 
     @field_validator("ant_methods")
     @classmethod

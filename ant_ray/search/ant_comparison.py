@@ -8,11 +8,16 @@ MLflow parent run with a child per (arm, seed), and a Markdown table of mean and
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+
+import ray
 
 from ant_ray.config import PipelineConfig
 from ant_ray.search.ant_runs import run_ant
 from ant_ray.search.comparison_table import ComparisonResult, start_comparison_run
+from ant_ray.search.ray_runtime import start_ray
+from ant_ray.tracking import tracking_env
 
 
 def comparison_arms(cfg: PipelineConfig) -> dict[str, dict]:
@@ -25,22 +30,37 @@ def comparison_arms(cfg: PipelineConfig) -> dict[str, dict]:
 
 
 def run_ant_comparison(cfg: PipelineConfig, seeds: list[int], *, report: Path | None = None) -> ComparisonResult:
+    """Every (seed, arm) run, ``comparison.max_concurrent`` at a time. Each run is an independent ``run_ant`` (its
+    own Ray Train run, run directory and MLflow child run), so runs go concurrently from driver threads; Ray's
+    resource accounting (``ant.resources`` per worker) decides what actually runs at once."""
     parent, _ = start_comparison_run(cfg, seeds, "ant_comparison")
     arms = comparison_arms(cfg)
-    result: ComparisonResult | None = None
+    jobs = [(seed, arm, cfg.model_copy(update={"seed": seed, "ant": cfg.ant.model_copy(update=updates)}))
+            for seed in seeds for arm, updates in arms.items()]
+    scores: dict[tuple[str, int], float] = {}
+    metric = ""
+    pool = ThreadPoolExecutor(max_workers=cfg.comparison.max_concurrent, thread_name_prefix="ant-arm")
     try:
-        for seed in seeds:
-            for arm, updates in arms.items():
-                arm_cfg = cfg.model_copy(update={"seed": seed, "ant": cfg.ant.model_copy(update=updates)})
-                outcome = run_ant(arm_cfg, parent_run_id=parent.run_id)
-                if result is None:
-                    result = ComparisonResult(metric=outcome.metric, seeds=seeds)
-                result.scores.setdefault(arm, []).append(float(outcome.fid))
-                print(f"[ant_ray] seed {seed} {arm}: {outcome.metric} {outcome.fid:.3f}", flush=True)
-        assert result is not None
+        # Started once here: concurrent runs must not race to start it.
+        start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=tracking_env(cfg.tracking_uri()))
+        futures = {pool.submit(run_ant, arm_cfg, parent_run_id=parent.run_id): (seed, arm)
+                   for seed, arm, arm_cfg in jobs}
+        for done, future in enumerate(as_completed(futures), start=1):
+            seed, arm = futures[future]
+            outcome = future.result()  # the first failure stops the comparison (the finished runs stay in MLflow)
+            metric, scores[arm, seed] = outcome.metric, float(outcome.fid)
+            print(f"[ant_ray] ({done}/{len(jobs)}) seed {seed} {arm}: {outcome.metric} {outcome.fid:.3f}",
+                  flush=True)
+        result = ComparisonResult(metric=metric, seeds=seeds,
+                                  scores={arm: [scores[arm, seed] for seed in seeds] for arm in arms})
         result.publish(parent, f"{cfg.name}: ANT comparison", report)
         parent.finish()
+        pool.shutdown()
         return result
     except BaseException:
+        # Runs not yet started never start. Running ones end when Ray goes (each marks its own MLflow run FAILED):
+        # shut it down here, since Python joins the pool's threads at exit before Ray's own exit hook would run.
+        pool.shutdown(wait=False, cancel_futures=True)
         parent.finish("FAILED")
+        ray.shutdown()
         raise
