@@ -8,7 +8,7 @@ MLflow parent run with a child per (arm, seed), and a Markdown table of mean and
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import ray
@@ -43,14 +43,19 @@ def run_ant_comparison(cfg: PipelineConfig, seeds: list[int], *, report: Path | 
     try:
         # Started once here: concurrent runs must not race to start it.
         start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=tracking_env(cfg.tracking_uri()))
-        futures = {pool.submit(run_ant, arm_cfg, parent_run_id=parent.run_id): (seed, arm)
-                   for seed, arm, arm_cfg in jobs}
-        for done, future in enumerate(as_completed(futures), start=1):
-            seed, arm = futures[future]
-            outcome = future.result()  # the first failure stops the comparison (the finished runs stay in MLflow)
-            metric, scores[arm, seed] = outcome.metric, float(outcome.fid)
-            print(f"[ant_ray] ({done}/{len(jobs)}) seed {seed} {arm}: {outcome.metric} {outcome.fid:.3f}",
-                  flush=True)
+        queue, running = list(jobs), {}
+        while queue or running:
+            # Submit only up to max_concurrent, so that after a failure no further run starts.
+            while queue and len(running) < cfg.comparison.max_concurrent:
+                seed, arm, arm_cfg = queue.pop(0)
+                running[pool.submit(run_ant, arm_cfg, parent_run_id=parent.run_id)] = (seed, arm)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                seed, arm = running.pop(future)
+                outcome = future.result()  # the first failure stops the comparison (finished runs stay in MLflow)
+                metric, scores[arm, seed] = outcome.metric, float(outcome.fid)
+                print(f"[ant_ray] ({len(scores)}/{len(jobs)}) seed {seed} {arm}: {outcome.metric} "
+                      f"{outcome.fid:.3f}", flush=True)
         result = ComparisonResult(metric=metric, seeds=seeds,
                                   scores={arm: [scores[arm, seed] for seed in seeds] for arm in arms})
         result.publish(parent, f"{cfg.name}: ANT comparison", report)
@@ -58,8 +63,8 @@ def run_ant_comparison(cfg: PipelineConfig, seeds: list[int], *, report: Path | 
         pool.shutdown()
         return result
     except BaseException:
-        # Runs not yet started never start. Running ones end when Ray goes (each marks its own MLflow run FAILED):
-        # shut it down here, since Python joins the pool's threads at exit before Ray's own exit hook would run.
+        # No further run starts. Running ones end when Ray goes (each marks its own MLflow run FAILED): shut it
+        # down here, since Python joins the pool's threads at exit, before Ray's own exit hook would run.
         pool.shutdown(wait=False, cancel_futures=True)
         parent.finish("FAILED")
         ray.shutdown()
