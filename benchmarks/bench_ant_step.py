@@ -1,7 +1,8 @@
 """Cost of ANT clustered-MTL training steps, and data-parallel scaling on Ray Train.
 
     python -m benchmarks.bench_ant_step [--batch 64] [--k 5] [--repeats 10] [--device cpu|cuda] [--model tiny]
-                                        [--resolution 8] [--threads 1] [--skip-ray] [--ray-steps 40]
+                                        [--resolution 8] [--threads 1] [--methods uw,pcgrad,...] [--skip-ray]
+                                        [--ray-steps 40]
 
 (run from the repository root, or with ant_ray installed). Not part of the test suite.
 
@@ -10,7 +11,8 @@ diffusion training ("vanilla") and of ``ClusteredStep`` with each MTL method at 
 vanilla. Loss-balancing methods and Nash-MTL between refreshes need one backward; gradient methods one forward and
 backward per cluster sub-batch. "pcgrad, naive" is the textbook alternative for comparison: one forward over the
 batch and k full backward passes (retain_graph). Nash-MTL runs ``update_every`` (default 25) consecutive steps so
-that one refresh is included, and its mean per step is printed.
+that one refresh is included, and its mean per step is printed. Also printed: one forward+backward at batch 1, the
+fixed cost that each of a gradient method's k sub-batch passes pays on top of its share of the batch.
 
 Part 2, Ray Train: images/s of ``train_ant`` (second half of a short run) with 1 and with 2 workers (1 CPU each,
 or 1 GPU each with --device cuda) and their ratio; 2 workers on the same global batch do the same work split in two.
@@ -60,6 +62,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=8)
     parser.add_argument("--channels", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads in part 1 (Ray workers use 1)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated MTL methods for part 1 (default: all registered, plus the naive PCGrad)")
     parser.add_argument("--skip-ray", action="store_true", help="only part 1")
     parser.add_argument("--ray-steps", type=int, default=40)
     args = parser.parse_args()
@@ -102,7 +106,17 @@ def main() -> None:
     base = statistics.median(timed_steps(vanilla, args.repeats, device))
     rows = [("vanilla", base, base)]
 
-    for name in MTL_METHODS.names():
+    def one_pass(step: int) -> None:  # the fixed cost of a forward+backward pass, whatever the batch
+        loss_fn(model_denoiser(model), x0[:1], t[:1], noise[:1]).sum().backward()
+
+    timed_steps(one_pass, 2, device)
+    per_pass = statistics.median(timed_steps(one_pass, args.repeats, device))
+
+    methods = args.methods.split(",") if args.methods else [*MTL_METHODS.names(), "naive"]
+    for name in methods:
+        if name != "naive":
+            MTL_METHODS.get(name)  # an unknown name fails here, listing the choices
+    for name in (m for m in methods if m != "naive"):
         model = fresh_model()
         method = build_mtl_method(name, args.k).to(device)
         optimizer = torch.optim.AdamW([{"params": list(model.parameters())},
@@ -116,7 +130,20 @@ def main() -> None:
         seconds = timed_steps(lambda s: step_fn(x0, t, noise, counts, 100 + s), steps, device)
         rows.append((name, statistics.median(seconds), statistics.mean(seconds)))
 
-    # the textbook per-cluster gradients: k backward passes through the full batch's graph
+    if "naive" in methods:
+        rows.append(naive_pcgrad(args, fresh_model, loss_fn, x0, t, noise, lookup, params_count, device))
+
+    print(f"{'step':<34}{'median ms':>10}{'mean ms':>10}{'x vanilla':>11}")
+    for name, median, mean in rows:
+        print(f"{name:<34}{median * 1000:>10.1f}{mean * 1000:>10.1f}{mean / base:>11.2f}")
+    print(f"\none forward+backward at batch 1 (the fixed cost per sub-batch pass): {per_pass * 1000:.1f} ms")
+
+    if not args.skip_ray:
+        ray_scaling(args)
+
+
+def naive_pcgrad(args, fresh_model, loss_fn, x0, t, noise, lookup, params_count, device):
+    """The textbook per-cluster gradients: one forward, k backward passes through the full batch's graph."""
     model = fresh_model()
     method = build_mtl_method("pcgrad", args.k)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -135,14 +162,7 @@ def main() -> None:
 
     timed_steps(naive, 2, device)
     seconds = timed_steps(naive, args.repeats, device)
-    rows.append(("pcgrad, naive (k full backward)", statistics.median(seconds), statistics.mean(seconds)))
-
-    print(f"{'step':<34}{'median ms':>10}{'mean ms':>10}{'x vanilla':>11}")
-    for name, median, mean in rows:
-        print(f"{name:<34}{median * 1000:>10.1f}{mean * 1000:>10.1f}{mean / base:>11.2f}")
-
-    if not args.skip_ray:
-        ray_scaling(args)
+    return "pcgrad, naive (k full backward)", statistics.median(seconds), statistics.mean(seconds)
 
 
 def ray_scaling(args: argparse.Namespace) -> None:
