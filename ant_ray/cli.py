@@ -7,6 +7,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -114,54 +115,47 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train-ant":
         from ant_ray.search.ant_runs import run_ant
 
-        try:
-            ant_result = run_ant(cfg, resume_from=args.resume_from)
-        except (ValueError, FileNotFoundError) as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        print()
-        print(ant_result.table())
-        return 0
+        return _print_table(lambda: run_ant(cfg, resume_from=args.resume_from).table())
     if args.command == "analyze":
         from ant_ray.search.ntg import equal_intervals, run_ntg
 
-        try:
+        def ntg_table() -> str:
             intervals = ([tuple(int(x) for x in part.split(",")) for part in args.intervals.split(";")]
                          if args.intervals else equal_intervals(cfg.ant.k, cfg.diffusion.T))
             if any(len(i) != 2 for i in intervals):
                 raise ValueError("--intervals expects 'a,b;c,d' (half-open timestep intervals)")
-            ntg_result = run_ntg(cfg, intervals)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        print()
-        print(ntg_result.table())
-        return 0
+            return run_ntg(cfg, intervals).table()
+
+        return _print_table(ntg_table, errors=(ValueError,))
+    report = Path(args.report) if getattr(args, "report", None) else None
     if args.command == "compare-ant":
         from ant_ray.search.ant_comparison import run_ant_comparison
 
-        comparison = run_ant_comparison(cfg, cfg.comparison.seeds, report=Path(args.report) if args.report else None)
-        print()
-        print(comparison.markdown(cfg.name))
-        return 0
+        return _print_table(lambda: run_ant_comparison(cfg, cfg.comparison.seeds, report=report).markdown(cfg.name),
+                            errors=())
     if args.command == "compare-deme":
         from ant_ray.search.deme_comparison import run_deme_comparison
 
-        comparison = run_deme_comparison(cfg, cfg.comparison.seeds, report=Path(args.report) if args.report else None)
-        print()
-        print(comparison.markdown(cfg.name))
-        return 0
+        return _print_table(lambda: run_deme_comparison(cfg, cfg.comparison.seeds, report=report).markdown(cfg.name),
+                            errors=())
     from ant_ray.search.pipeline import run_pipeline
 
+    return _print_table(
+        lambda: run_pipeline(cfg, resume=Path(args.resume) if getattr(args, "resume", None) else None).table())
+
+
+def _print_table(compute: Callable[[], str],
+                 errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)) -> int:
+    """Run a command and print its result table; an error of the given kinds (bad input found by the stage itself)
+    is printed as one line with exit status 2 instead of a traceback."""
     try:
-        result = run_pipeline(cfg, resume=Path(args.resume) if getattr(args, "resume", None) else None)
-    except (ValueError, FileNotFoundError) as err:
+        table = compute()
+    except errors as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print()
-    print(result.table())
+    print(table)
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

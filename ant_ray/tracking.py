@@ -75,6 +75,14 @@ class TrackedRun:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
 
+    def log_text(self, path: str | Path, text: str) -> Path:
+        """Write ``text`` (plus a final newline) to ``path``, a file kept beside the run's outputs, and log it as an
+        artifact; returns the path."""
+        path = Path(path)
+        path.write_text(text + "\n")
+        self.log_artifact(path)
+        return path
+
     def log_figure(self, figure, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / name

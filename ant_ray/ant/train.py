@@ -366,7 +366,6 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                             schedule=schedule, loss_fn=loss_fn, intervals=intervals,
                             micro_batch=per_rank // ant.grad_accumulation, grad_clip=ant.grad_clip,
                             world_size=world, autocast_dtype=AUTOCAST_DTYPES[ant.mixed_precision])
-    lookup = torch.as_tensor(cluster_of_timestep(intervals), dtype=torch.int64)
 
     # --- the step loop --------------------------------------------------------------------------------------
     steps_per_epoch = len(data) // ant.batch_size
@@ -387,7 +386,7 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         noise_all = torch.randn((ant.batch_size, *data.images.shape[1:]), generator=gen)
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
         stats = step_fn(data.images[idx].to(device), t_all[mine].to(device), noise_all[mine].to(device),
-                        cluster_counts(lookup[t_all], ant.k), step)
+                        cluster_counts(step_fn.cluster_ids(t_all), ant.k), step)
         update_ema(ema, model, ant.ema_decay)
         images_seen += ant.batch_size
         done = step + 1

@@ -237,8 +237,7 @@ def run_ant(cfg: PipelineConfig, *, resume_from: str | Path | None = None, score
             run.log_metrics({result.metric: result.fid}, step=ant.steps)
         result.seconds = time.time() - started
         run.log_metrics({"seconds": result.seconds}, step=ant.steps)
-        (run_dir / "summary.txt").write_text(result.table() + "\n")
-        run.log_artifact(run_dir / "summary.txt")
+        run.log_text(run_dir / "summary.txt", result.table())
         run.finish()
         return result
     except BaseException:

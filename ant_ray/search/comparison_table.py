@@ -36,8 +36,7 @@ class ComparisonResult:
             run.log_metrics({f"{slug(arm)}_mean": statistics.mean(values)})
         if report is not None:
             report.parent.mkdir(parents=True, exist_ok=True)
-            report.write_text(self.markdown(f"{title}, {time.strftime('%Y-%m-%d')}") + "\n")
-            run.log_artifact(report)
+            run.log_text(report, self.markdown(f"{title}, {time.strftime('%Y-%m-%d')}"))
 
 
 def start_comparison_run(cfg: PipelineConfig, seeds: list[int], stage: str) -> tuple[TrackedRun, str]:

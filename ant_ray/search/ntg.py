@@ -107,8 +107,7 @@ def run_ntg(cfg: PipelineConfig, intervals: list[tuple[int, int]]) -> NTGResult:
             run.log_metrics({f"ntg_{interval[0]}_{interval[1]}": result.gaps[interval]})
         run.log_metrics({f"all_task_{metric}": result.all_task_fid})
         run.log_artifact(bar_chart(result, run_dir / "ntg.png"))
-        (run_dir / "ntg.txt").write_text(result.table() + "\n")
-        run.log_artifact(run_dir / "ntg.txt")
+        run.log_text(run_dir / "ntg.txt", result.table())
         run.finish()
         return result
     except BaseException:

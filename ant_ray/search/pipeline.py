@@ -223,9 +223,7 @@ def run_pipeline(cfg: PipelineConfig, *, parent_run_id: str | None = None,
         result.seconds = time.time() - started
         pipeline.log_metrics({f"{_metric_key(k)}_{result.metric}": v for k, v in scores.items()})
         pipeline.log_metrics({"seconds": result.seconds})
-        summary = run_dir / "summary.txt"
-        summary.write_text(result.table() + "\n")
-        pipeline.log_artifact(summary)
+        pipeline.log_text(run_dir / "summary.txt", result.table())
         finish(pipeline)
         return result
     except BaseException:
