@@ -25,7 +25,7 @@ def interval_clustering(k, cost="timestep", **options):
 
 def run_pipeline(config):
     """Run pretrain -> DeMe specialists -> merge-weight search for a PipelineConfig (see load_config)."""
-    from ant_ray.search.pipeline import run_pipeline as run
+    from ant_ray.experiments.pipeline import run_pipeline as run
 
     return run(config)
 

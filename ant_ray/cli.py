@@ -113,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
     if args.command == "train-ant":
-        from ant_ray.search.ant_runs import run_ant
+        from ant_ray.stages.ant_train import run_ant
 
         return _print_table(lambda: run_ant(cfg, resume_from=args.resume_from).table())
     if args.command == "analyze":
-        from ant_ray.search.ntg import equal_intervals, run_ntg
+        from ant_ray.experiments.ntg import equal_intervals, run_ntg
 
         def ntg_table() -> str:
             intervals = ([tuple(int(x) for x in part.split(",")) for part in args.intervals.split(";")]
@@ -129,16 +129,16 @@ def main(argv: list[str] | None = None) -> int:
         return _print_table(ntg_table, errors=(ValueError,))
     report = Path(args.report) if getattr(args, "report", None) else None
     if args.command == "compare-ant":
-        from ant_ray.search.ant_comparison import run_ant_comparison
+        from ant_ray.experiments.ant_comparison import run_ant_comparison
 
         return _print_table(lambda: run_ant_comparison(cfg, cfg.comparison.seeds, report=report).markdown(cfg.name),
                             errors=())
     if args.command == "compare-deme":
-        from ant_ray.search.deme_comparison import run_deme_comparison
+        from ant_ray.experiments.deme_comparison import run_deme_comparison
 
         return _print_table(lambda: run_deme_comparison(cfg, cfg.comparison.seeds, report=report).markdown(cfg.name),
                             errors=())
-    from ant_ray.search.pipeline import run_pipeline
+    from ant_ray.experiments.pipeline import run_pipeline
 
     return _print_table(
         lambda: run_pipeline(cfg, resume=Path(args.resume) if getattr(args, "resume", None) else None).table())

@@ -30,7 +30,7 @@ from ant_ray.cli import build_parser, main as cli_main
 from ant_ray.config import load_config
 from ant_ray.diffusion import NoiseSchedule, build_model, build_weighting, diffusion_loss, model_denoiser
 from ant_ray.mtl import MTL_METHODS, build_mtl_method, flat_grad
-from ant_ray.search.ant_runs import resolve_clusters, run_ant
+from ant_ray.stages.ant_train import resolve_clusters, run_ant
 
 K = 5
 INTERVALS = interval_clustering(K, "timestep", T=1000)  # five equal intervals of 200

@@ -5,10 +5,10 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from ant_ray.config import load_config
-from ant_ray.search import ant_comparison
-from ant_ray.search.ant_comparison import comparison_arms, run_ant_comparison
-from ant_ray.search.ant_runs import run_ant
-from ant_ray.search.comparison_table import ComparisonResult, start_comparison_run
+from ant_ray.experiments import ant_comparison
+from ant_ray.experiments.ant_comparison import comparison_arms, run_ant_comparison
+from ant_ray.stages.ant_train import run_ant
+from ant_ray.experiments.comparison_table import ComparisonResult, start_comparison_run
 from ant_ray.tracking import TrackedRun, setup_experiment
 
 

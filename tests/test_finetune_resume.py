@@ -8,8 +8,8 @@ import torch
 from ant_ray.config import load_config
 from ant_ray.deme.finetune import sample_timesteps
 from ant_ray.diffusion import build_model, load_model, save_model
-from ant_ray.search.ray_runtime import start_ray
-from ant_ray.search.training_runs import fit_diffusion
+from ant_ray.stages.ray_runtime import start_ray
+from ant_ray.stages.diffusion_train import fit_diffusion
 
 
 @pytest.fixture(scope="module")

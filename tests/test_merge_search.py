@@ -7,7 +7,7 @@ import torch
 from ant_ray.config import load_config
 from ant_ray.diffusion import build_model, save_model
 from ant_ray.search.merge_search import _grid_axis, grid_size, parameter_names, search_merge_weights
-from ant_ray.search.ray_runtime import start_ray
+from ant_ray.stages.ray_runtime import start_ray
 from ant_ray.tracking import TrackedRun, setup_experiment
 
 SMALL = ["diffusion.T=100", "sampler.steps=2", "fid.num_samples=20", "fid.batch_size=20", "merge_search.max_concurrent=2"]

@@ -7,7 +7,7 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from ant_ray.config import load_config
-from ant_ray.search.ntg import equal_intervals, routed_ranges, run_ntg
+from ant_ray.experiments.ntg import equal_intervals, routed_ranges, run_ntg
 
 
 def test_routed_ranges_cover_and_route():

@@ -12,7 +12,7 @@ from ant_ray.config import load_config
 from ant_ray.deme import has_channel_projections
 from ant_ray.diffusion import load_model
 from ant_ray.merge import load_task_vector, state_dict_fingerprint
-from ant_ray.search.pipeline import run_pipeline
+from ant_ray.experiments.pipeline import run_pipeline
 
 TINY = [
     "pretrain.steps=20", "pretrain.log_every=10", "pretrain.checkpoint_every=10",

@@ -53,12 +53,12 @@ from torch import Tensor
 from ant_ray.ant.clustering import cluster_of_timestep
 from ant_ray.config import ANTConfig, PipelineConfig
 from ant_ray.data import iterate_batches, load_dataset
-from ant_ray.deme.finetune import AUTOCAST_DTYPES, step_generator, update_ema
 from ant_ray.diffusion import (NoiseSchedule, build_model, build_weighting, diffusion_loss, load_model,
                                model_denoiser, save_model)
 from ant_ray.mtl import MTLMethod, build_mtl_method, flat_grad, flatten_grads, write_flat_grad
 from ant_ray.tracking import TrackedRun, loss_curve_figure
-from ant_ray.training_state import load_training_state, save_training_state, step_seed
+from ant_ray.training import (AUTOCAST_DTYPES, load_training_state, save_training_state, step_generator, step_seed,
+                              update_ema, worker_device)
 
 TIMESTEP_SAMPLING = ("uniform", "stratified")
 _MTL_PREFIX = "mtl."  # key prefix of the MTL method's tensors in the checkpoint's extra.safetensors
@@ -126,15 +126,6 @@ def sample_cluster_timesteps(batch: int, intervals: Sequence[tuple[int, int]], m
     offset = (torch.rand(batch, generator=generator, dtype=torch.float64) * widths[cluster]).long()
     t = starts[cluster] + torch.minimum(offset, widths[cluster] - 1)
     return t[torch.randperm(batch, generator=generator)]
-
-
-def worker_device(device: str) -> torch.device:
-    """The configured device: Ray Train's device for this worker when it runs under Ray, else cuda or cpu."""
-    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if ray.is_initialized():
-        return ray.train.torch.get_device()
-    return torch.device("cuda")
 
 
 # ------------------------------------------------------------------------------------------------ one step

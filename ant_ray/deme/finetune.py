@@ -28,30 +28,14 @@ from ant_ray.data import iterate_batches, load_dataset, save_image_grid
 from ant_ray.diffusion import (NoiseSchedule, build_model, build_weighting, load_model, model_denoiser,
                                per_sample_loss, sample_images, save_model, weighted_loss)
 from ant_ray.tracking import TrackedRun, loss_curve_figure
-from ant_ray.training_state import load_training_state, save_training_state, step_seed
-
-AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+from ant_ray.training import (AUTOCAST_DTYPES, load_training_state, save_training_state, step_generator, step_seed,
+                              update_ema)
 
 def sample_timesteps(batch: int, T: int, time_range: tuple[int, int], p: float,
                      generator: torch.Generator) -> torch.Tensor:
     """DeMe Eq. 6: with probability p the whole batch is drawn from [0, T), otherwise from [start, end)."""
     start, end = (0, T) if torch.rand((), generator=generator).item() < p else time_range
     return torch.randint(start, end, (batch,), generator=generator)
-
-
-@torch.no_grad()
-def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, m in zip(ema.parameters(), model.parameters()):
-        e.lerp_(m.detach().to(e.dtype), 1.0 - decay)
-    for e, m in zip(ema.buffers(), model.buffers()):
-        e.copy_(m)
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The generator for one optimizer step. Every rank draws the *global* batch's timesteps and noise from it and
-    keeps its own slice, so N workers see exactly what one worker would on the same global batch."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
 
 
 def train_diffusion(loop_config: dict[str, Any]) -> None:

@@ -14,11 +14,11 @@ from pathlib import Path
 import ray
 
 from ant_ray.config import PipelineConfig
-from ant_ray.search.comparison_table import ComparisonResult, slug, start_comparison_run
-from ant_ray.search.pipeline import run_pipeline
-from ant_ray.search.scoring import score_in_parallel
-from ant_ray.search.ray_runtime import start_ray
-from ant_ray.search.training_runs import finetune_plain
+from ant_ray.experiments.comparison_table import ComparisonResult, slug, start_comparison_run
+from ant_ray.experiments.pipeline import run_pipeline
+from ant_ray.stages.evaluate import score_in_parallel
+from ant_ray.stages.ray_runtime import start_ray
+from ant_ray.stages.diffusion_train import finetune_plain
 from ant_ray.tracking import TrackedRun, tracking_env
 
 # name -> (weighting, options): the baselines of DeMe Table 1 (min-SNR from Hang et al.)
@@ -83,6 +83,6 @@ def run_deme_comparison(cfg: PipelineConfig, seeds: list[int], *, report: Path |
 
 
 def _cached_pretrained(cfg: PipelineConfig) -> Path:
-    from ant_ray.search.training_runs import pretrain_key
+    from ant_ray.stages.diffusion_train import pretrain_key
 
     return cfg.output_path() / "cache" / "pretrained" / pretrain_key(cfg)

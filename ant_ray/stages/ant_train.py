@@ -32,9 +32,9 @@ from ant_ray.ant.train import train_ant
 from ant_ray.config import PipelineConfig
 from ant_ray.diffusion import NoiseSchedule, build_model, build_weighting, load_model, model_denoiser
 from ant_ray.evaluation import load_reference_dataset, metric_name, pick_device
-from ant_ray.search.ray_runtime import start_ray
-from ant_ray.search.scoring import score_in_parallel
-from ant_ray.search.training_runs import fit_diffusion, scaling_config
+from ant_ray.stages.ray_runtime import start_ray
+from ant_ray.stages.evaluate import score_in_parallel
+from ant_ray.stages.diffusion_train import fit_diffusion, scaling_config
 from ant_ray.tracking import TrackedRun, setup_experiment, tracking_env, ui_command
 
 

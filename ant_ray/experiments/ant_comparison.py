@@ -14,9 +14,9 @@ from pathlib import Path
 import ray
 
 from ant_ray.config import PipelineConfig
-from ant_ray.search.ant_runs import run_ant
-from ant_ray.search.comparison_table import ComparisonResult, start_comparison_run
-from ant_ray.search.ray_runtime import start_ray
+from ant_ray.stages.ant_train import run_ant
+from ant_ray.experiments.comparison_table import ComparisonResult, start_comparison_run
+from ant_ray.stages.ray_runtime import start_ray
 from ant_ray.tracking import tracking_env
 
 

@@ -16,11 +16,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """Seed of the global torch RNG (dropout) for one step on one rank: resume reproduces it from the step alone."""
-    return ((seed * 1_000_003 + step) * 10_007 + rank) % (2**63 - 1)
-
-
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
 

@@ -18,9 +18,9 @@ import ray
 
 from ant_ray.config import PipelineConfig
 from ant_ray.evaluation import metric_name
-from ant_ray.search.scoring import score_in_parallel
-from ant_ray.search.ray_runtime import start_ray
-from ant_ray.search.training_runs import fit_remote, pretrained_model
+from ant_ray.stages.evaluate import score_in_parallel
+from ant_ray.stages.ray_runtime import start_ray
+from ant_ray.stages.diffusion_train import fit_remote, pretrained_model
 from ant_ray.tracking import TrackedRun, setup_experiment, tracking_env
 
 

@@ -22,9 +22,9 @@ from ant_ray.data import save_image_grid
 from ant_ray.evaluation import FIDScorer, load_reference_dataset, metric_name
 from ant_ray.merge import TaskVectorMerger, load_task_vector, save_task_vector, state_dict_fingerprint
 from ant_ray.search.merge_search import grid_size, search_merge_weights
-from ant_ray.search.ray_runtime import start_ray
-from ant_ray.search.scoring import score_in_parallel
-from ant_ray.search.training_runs import finetune_specialists, pretrained_model
+from ant_ray.stages.ray_runtime import start_ray
+from ant_ray.stages.evaluate import score_in_parallel
+from ant_ray.stages.diffusion_train import finetune_specialists, pretrained_model
 from ant_ray.tracking import TrackedRun, setup_experiment, tracking_env, ui_command
 
 

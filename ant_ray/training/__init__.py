@@ -1,0 +1,11 @@
+"""What the ANT and DeMe training loops share: exact-resume state, EMA, per-step randomness, mixed precision and
+the worker's device. Plain functions of tensors and config values; no Ray, no MLflow."""
+
+from ant_ray.training.device import worker_device
+from ant_ray.training.ema import update_ema
+from ant_ray.training.precision import AUTOCAST_DTYPES
+from ant_ray.training.randomness import step_generator, step_seed
+from ant_ray.training.state import load_training_state, save_training_state
+
+__all__ = ["AUTOCAST_DTYPES", "load_training_state", "save_training_state", "step_generator", "step_seed",
+           "update_ema", "worker_device"]
