@@ -1,12 +1,40 @@
 """ant_ray: diffusion models trained as multi-task learners (ANT clustered MTL, DeMe decouple-then-merge), searched
 with Ray Tune + Optuna by FID and tracked in MLflow.
 
-The public Python API; heavy modules (Ray, MLflow) load only when their functions are used.
+The public Python API; heavy modules (torch, Ray, MLflow) load only when their functions are used.
 """
 
 from ant_ray.config import ConfigError, PipelineConfig, load_config
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+
+def launch_search(config_or_path, overrides=None, resume=None):
+    """Run the search a config's ``search:`` section describes and return a ``SearchResult``: per stage the best
+    values and score (``.best``, ``.scores``), the final winner's FID with its 95% interval (``.final``), the
+    winner's diffusers folder (``.winner_model``), the MLflow run ids (``.parent_run_id``, ``.stage_run_ids``) and a
+    pandas DataFrame of every trial (``.trials``). ``resume``: a search folder to continue.
+
+    Example (about 8 minutes on 2 CPU cores)::
+
+        import ant_ray
+
+        result = ant_ray.launch_search("search_spaces/quickstart.yaml", ["output_dir=/tmp/ant_ray_runs"])
+        print(result.table())
+        print(result.best["ant"], result.scores["merge"], result.winner_model)
+        print(result.trials[["stage", "fate"]].value_counts())
+    """
+    from pathlib import Path
+
+    from ant_ray.search.chain import run_search
+
+    if isinstance(config_or_path, PipelineConfig):
+        from ant_ray.config import config_from_dict
+
+        cfg = config_from_dict(config_or_path.model_dump(mode="json"), overrides) if overrides else config_or_path
+    else:
+        cfg = load_config(config_or_path, list(overrides or []))
+    return run_search(cfg, resume=Path(resume) if resume is not None else None)
 
 
 def merge_task_vectors(base_state_dict, finetuned_state_dicts, weights, **options):
@@ -24,11 +52,11 @@ def interval_clustering(k, cost="timestep", **options):
 
 
 def run_pipeline(config):
-    """Run pretrain -> DeMe specialists -> merge-weight search for a PipelineConfig (see load_config)."""
+    """Run the fixed pipeline (pretrain -> DeMe specialists -> merge-weight search) for a PipelineConfig."""
     from ant_ray.experiments.pipeline import run_pipeline as run
 
     return run(config)
 
 
-__all__ = ["ConfigError", "PipelineConfig", "load_config", "merge_task_vectors", "interval_clustering",
-           "run_pipeline"]
+__all__ = ["ConfigError", "PipelineConfig", "load_config", "launch_search", "merge_task_vectors",
+           "interval_clustering", "run_pipeline"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
@@ -11,6 +12,7 @@ from typing import Callable
 
 import yaml
 
+from ant_ray import __version__
 from ant_ray.config import ConfigError, PipelineConfig, load_config
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -37,14 +39,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ant-ray", description=(
         "Distributed search for diffusion models trained as multi-task learners (ANT clustering, DeMe merging) "
         "on Ray, tracked in MLflow."))
+    parser.add_argument("--version", action="version", version=f"ant-ray {__version__}")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show Ray's, Tune's and MLflow's own logs (hidden by default)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="run the main job on the embedded default (digits, local Ray, SQLite MLflow)",
-                          description="Pretrain on scikit-learn's digits, finetune 2 DeMe specialists in parallel, "
-                                      "search merge weights with Ray Tune + Optuna by FID, print a table.")
+    demo = sub.add_parser("demo", help="the main job on the embedded default: a small chained search on digits",
+                          description="Run search_spaces/quickstart.yaml: search ANT's k and MTL method, then DeMe's "
+                                      "p with ranges from the ANT winner's intervals, then the merge weights by "
+                                      "successive halving, on scikit-learn's digits with a private local Ray and "
+                                      "MLflow in a SQLite file; print the result table.")
     _add_config_args(demo, config_required=False)
 
-    run = sub.add_parser("run", help="run the pipeline from a YAML config",
+    search = sub.add_parser("search", help="search k / method (ant), p / N / lambda (deme) and merge weights by FID",
+                            description="Run the config's search: section with Ray Tune + Optuna: the stages it "
+                                        "names (ant -> deme -> merge), each from the previous winner, then re-score "
+                                        "the winner at search.final and save it in diffusers format.")
+    search.add_argument("config", nargs="?", default=None,
+                        help="a YAML file with a search: section (see search_spaces/); optional with --resume")
+    _add_config_args(search, config_required=False)
+    search.add_argument("--resume", default=None, metavar="SEARCH_DIR",
+                        help="continue an interrupted search: finished stages and trials are kept, interrupted "
+                             "trials continue from their last checkpoint")
+
+    ui = sub.add_parser("ui", help="open the MLflow UI on this project's tracking store (127.0.0.1)",
+                        description="Start `mlflow ui` on the output directory's SQLite store (or "
+                                    "MLFLOW_TRACKING_URI), bound to 127.0.0.1, and print its URL.")
+    ui.add_argument("--output-dir", default="ant_ray_runs", help="the output_dir whose mlflow.db to open")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
+
+    run = sub.add_parser("run", help="run the fixed DeMe pipeline from a YAML config (no search over p or N)",
                          description="Run pretrain -> DeMe specialists -> merge-weight search from a config file.")
     _add_config_args(run, config_required=True)
     run.add_argument("--resume", default=None, metavar="RUN_DIR",
@@ -102,16 +127,29 @@ def _exit_on_sigterm(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["ANT_RAY_VERBOSE"] = "1"  # inherited by the private Ray's workers
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    if args.command == "ui":
+        return _open_ui(args)
     try:
-        cfg = _load(args, default=SEARCH_SPACES / "demo.yaml")
+        if args.command == "search" and args.config is None:
+            if not args.resume:
+                raise ConfigError("ant-ray search needs a CONFIG file (see search_spaces/), or --resume SEARCH_DIR")
+            args.config = str(Path(args.resume) / "config.yaml")
+        cfg = _load(args, default=SEARCH_SPACES / "quickstart.yaml")
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.command == "validate":
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
+    if args.command in ("search", "demo"):
+        from ant_ray.search.chain import run_search
+
+        resume = Path(args.resume) if getattr(args, "resume", None) else None
+        return _print_table(lambda: run_search(cfg, resume=resume).table())
     if args.command == "train-ant":
         from ant_ray.stages.ant_train import run_ant
 
@@ -148,14 +186,50 @@ def _print_table(compute: Callable[[], str],
                  errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)) -> int:
     """Run a command and print its result table; an error of the given kinds (bad input found by the stage itself)
     is printed as one line with exit status 2 instead of a traceback."""
+    from ant_ray.stages.ray_logs import quiet_driver_logs
+
+    quiet_driver_logs()
     try:
         table = compute()
     except errors as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        _stop_ray()
     print()
     print(table)
     return 0
+
+
+def _stop_ray() -> None:
+    """Shut Ray down before the table is printed, so that no late worker output follows it."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def _open_ui(args: argparse.Namespace) -> int:
+    """`mlflow ui` on the project's store, bound to 127.0.0.1 unless --host says otherwise."""
+    import os
+    import subprocess
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(args.output_dir).expanduser().resolve() / 'mlflow.db'}"
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        print(f"error: no MLflow store at {uri.removeprefix('sqlite:///')}; run a job first or pass --output-dir",
+              file=sys.stderr)
+        return 2
+    if uri.startswith(("http://", "https://")):
+        print(f"MLflow runs on a server: open {uri}")
+        return 0
+    print(f"MLflow UI: http://{args.host}:{args.port}  (store {uri}; Ctrl-C stops it)", flush=True)
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+               "--port", str(args.port)]
+    try:
+        return subprocess.call(command)
+    except KeyboardInterrupt:
+        return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,19 +1,24 @@
-"""Scoring a model: FID-nK of samples drawn with the configured sampler against cached reference statistics."""
+"""Scoring a model: FID-nK of samples drawn with the configured sampler against cached reference statistics, and the
+plan a training loop follows to score itself at fixed steps (what a search trial reports to Tune)."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from ant_ray.config import PipelineConfig
 from ant_ray.data import ImageDataset, load_dataset
-from ant_ray.diffusion import Denoiser, NoiseSchedule, sample_images
-from ant_ray.fid import build_feature_extractor, fid_from_sampler, fid_metric_name, reference_stats
+from ant_ray.diffusion import Denoiser, NoiseSchedule, load_model, model_denoiser, sample_images
+from ant_ray.fid import (StreamingFeatureStats, build_feature_extractor, extend_feature_stream, fid_metric_name,
+                         reference_stats)
+from ant_ray.merge import TaskVectorMerger, anchor_weights, compute_task_vector, random_weights
 
 
-def metric_name(cfg: PipelineConfig) -> str:
-    return fid_metric_name(cfg.fid.num_samples, cfg.fid.extractor)
+def metric_name(cfg: PipelineConfig, num_samples: int | None = None) -> str:
+    return fid_metric_name(num_samples or cfg.fid.num_samples, cfg.fid.extractor)
 
 
 def pick_device(cfg: PipelineConfig) -> torch.device:
@@ -43,13 +48,98 @@ class FIDScorer:
         self.schedule = NoiseSchedule.create(cfg.diffusion.schedule, cfg.diffusion.T)
         self.metric = metric_name(cfg)
 
-    def sample(self, denoiser: Denoiser, n: int, seed: int) -> torch.Tensor:
+    def sample(self, denoiser: Denoiser, n: int, seed: int, batch_size: int | None = None) -> torch.Tensor:
         s = self.cfg.sampler
         return torch.cat(list(sample_images(
             denoiser, self.schedule, n, shape=self.shape, sampler=s.name, steps=s.steps, eta=s.eta,
-            target=self.cfg.diffusion.prediction, seed=seed, batch_size=self.cfg.fid.batch_size,
+            target=self.cfg.diffusion.prediction, seed=seed, batch_size=batch_size or self.cfg.fid.batch_size,
             device=self.device)))
 
-    def score(self, denoiser: Denoiser) -> float:
-        return fid_from_sampler(lambda size, seed: self.sample(denoiser, size, seed), self.cfg.fid.num_samples,
-                                self.cfg.fid.batch_size, self.extractor, self.reference, self.cfg.fid.seed)
+    def stream(self, denoiser: Denoiser, n: int, *, running: StreamingFeatureStats | None = None,
+               seed: int | None = None, batch_size: int | None = None) -> StreamingFeatureStats:
+        """Features of the first n samples of the stream (seed, batch_size), continuing ``running``."""
+        batch = batch_size or self.cfg.fid.batch_size
+        return extend_feature_stream(lambda size, s: self.sample(denoiser, size, s, batch), running, n, batch,
+                                     self.extractor, self.cfg.fid.seed if seed is None else seed)
+
+    def fid(self, running: StreamingFeatureStats) -> float:
+        return running.to_stats().frechet_distance(self.reference)
+
+    def score(self, denoiser: Denoiser, num_samples: int | None = None, seed: int | None = None) -> float:
+        return self.fid(self.stream(denoiser, num_samples or self.cfg.fid.num_samples, seed=seed))
+
+
+# ------------------------------------------------------------------------------------------ scoring inside a loop
+
+
+@dataclass
+class EvaluationPlan:
+    """FID at fixed steps inside a training loop: every ``every`` steps and at the last one, on ``num_samples``
+    samples. With ``base_model`` the loop's models are DeMe specialists of that base, and what is scored is their
+    merged model: plain task arithmetic, or (merge="search") the best of the anchors and ``candidates`` random
+    weight vectors in [weight_low, weight_high]."""
+    num_samples: int
+    cache_dir: str
+    every: int | None = None
+    base_model: str | None = None
+    merge: str = "task_arithmetic"
+    candidates: int = 0
+    weight_low: float = 0.0
+    weight_high: float = 1.5
+    seed: int = 0
+
+    def dump(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dump(cls, dump: dict[str, Any] | None) -> "EvaluationPlan | None":
+        return None if dump is None else cls(**dump)
+
+    def due(self, step: int, total_steps: int) -> bool:
+        return step == total_steps or (self.every is not None and step % self.every == 0)
+
+    def metric(self, cfg: PipelineConfig) -> str:
+        return metric_name(cfg, self.num_samples)
+
+    def scorer(self, cfg: PipelineConfig, device: torch.device) -> FIDScorer:
+        return FIDScorer(cfg, Path(self.cache_dir), device=device)
+
+    def weight_candidates(self, n: int) -> list[list[float]]:
+        if self.merge == "task_arithmetic":
+            return [[1.0] * n]
+        return (anchor_weights(n, self.weight_low, self.weight_high)
+                + random_weights(n, self.candidates, self.weight_low, self.weight_high, self.seed))
+
+
+@dataclass
+class MergedScore:
+    metric: str
+    fid: float
+    weights: list[float] | None  # None: a single model, nothing merged
+    tried: list[tuple[list[float], float]] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {self.metric: self.fid}
+        if self.weights is not None:
+            out["merge_weights"] = list(self.weights)
+        return out
+
+
+def score_merged_states(plan: EvaluationPlan, scorer: FIDScorer, states: list[dict[str, torch.Tensor]],
+                        template: torch.nn.Module, cfg: PipelineConfig) -> MergedScore:
+    """FID of one model's weights, or of the merge of several specialists' weights (see EvaluationPlan).
+    ``template`` is a scratch module of the models' architecture (its weights are overwritten)."""
+    metric = plan.metric(cfg)
+    template.to(scorer.device).eval()
+    if plan.base_model is None:
+        template.load_state_dict(states[0])
+        return MergedScore(metric, scorer.score(model_denoiser(template), plan.num_samples), None)
+    base_state = {k: v.to(scorer.device) for k, v in load_model(plan.base_model).state_dict().items()}
+    task_vectors = [compute_task_vector(base_state, {k: v.to(scorer.device) for k, v in s.items()}) for s in states]
+    merger = TaskVectorMerger.from_task_vectors(base_state, task_vectors)
+    tried = []
+    for weights in plan.weight_candidates(len(states)):
+        template.load_state_dict(merger.merge(weights))
+        tried.append((weights, scorer.score(model_denoiser(template), plan.num_samples)))
+    best_weights, best_fid = min(tried, key=lambda item: item[1])
+    return MergedScore(metric, best_fid, best_weights, tried)

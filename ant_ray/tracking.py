@@ -20,6 +20,9 @@ from mlflow.tracking import MlflowClient
 # that for the low write rate here, but creating the schema must happen once, on the driver, before any worker.
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
 def setup_experiment(tracking_uri: str, experiment: str, artifact_root: Path) -> str:
     """Create (or reuse) the experiment on the driver and return its id. Artifacts go to an explicit folder so
     they never land in a temporary working directory (as under `ray job submit`)."""
@@ -27,12 +30,17 @@ def setup_experiment(tracking_uri: str, experiment: str, artifact_root: Path) ->
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
-        return found.experiment_id
-    artifact_location = None
-    if not tracking_uri.startswith(("http://", "https://", "databricks")):
-        artifact_root.mkdir(parents=True, exist_ok=True)
-        artifact_location = artifact_root.resolve().as_uri()
-    return client.create_experiment(experiment, artifact_location=artifact_location)
+        experiment_id = found.experiment_id
+    else:
+        artifact_location = None
+        if not tracking_uri.startswith(("http://", "https://", "databricks")):
+            artifact_root.mkdir(parents=True, exist_ok=True)
+            artifact_location = artifact_root.resolve().as_uri()
+        experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
+    # MLflow 3's UI opens an experiment of unknown kind on its GenAI overview; this one is model training, so it
+    # opens on the runs table.
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
+    return experiment_id
 
 
 class TrackedRun:
@@ -83,6 +91,14 @@ class TrackedRun:
         self.log_artifact(path)
         return path
 
+    def log_table(self, table, artifact_file: str) -> None:
+        """A pandas DataFrame as an MLflow table (shown in the UI's artifact view); non-finite numbers as null."""
+        import numpy as np
+
+        finite = table.replace([np.inf, -np.inf], np.nan)
+        clean = finite.astype(object).where(finite.notna(), None)
+        self.client.log_table(self.run_id, data=clean, artifact_file=artifact_file)
+
     def log_figure(self, figure, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / name
@@ -91,6 +107,13 @@ class TrackedRun:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
+    def reopen(self) -> None:
+        """Mark a run RUNNING again (a resumed search continues its runs instead of opening new ones)."""
+        self.client.update_run(self.run_id, status="RUNNING")
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

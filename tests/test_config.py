@@ -30,19 +30,19 @@ def test_overrides_parse_yaml_values_and_create_sections():
     ("pretrain.stepz=3", "pretrain.stepz", "unknown field"),
     ("finetune.p=1.5", "finetune.p", "less than or equal to 1"),
     ("data.dataset=cifar10", "data", "data.path is required"),
-    ("sampler.steps=2000", "(top level)", "sampler.steps"),
+    ("sampler.steps=2000", "sampler.steps (2000)", "cannot exceed diffusion.T"),
     ("finetune.ranges=[[0, 10], [20, 1000]]", "finetune", "contiguous"),
-    ("finetune.ranges=[[0, 500], [500, 900]]", "(top level)", "cover [0, 1000)"),
+    ("finetune.ranges=[[0, 500], [500, 900]]", "finetune.ranges must", "cover [0, 1000)"),
     ("pretrain.weighting.name=nope", "pretrain.weighting", "choose one of"),
     ("pretrain.weighting={name: min-snr, options: {gamma: -1}}", "pretrain.weighting", "gamma"),
     ("merge_search.resources.gpu=0.5", "merge_search.resources.gpu", "fractional GPUs"),
-    ("ant.k=5000", "(top level)", "ant.k"),
+    ("ant.k=5000", "ant.k (5000)", "cannot exceed diffusion.T"),
 ])
 def test_bad_input_names_the_field(override, field, hint):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     message = str(err.value)
-    assert f"  {field}:" in message and hint in message
+    assert (f"  {field}:" in message or f"  {field} " in message) and hint in message
 
 
 def test_missing_file_and_bad_override_syntax(tmp_path):

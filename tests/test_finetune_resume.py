@@ -1,5 +1,5 @@
-"""The diffusion loop on Ray Train: a run interrupted after a checkpoint and resumed ends bit-identical to an
-uninterrupted run (DeMe specialist with consistency loss, probabilistic sampling and gradient accumulation)."""
+"""The diffusion loop on Ray Train: N specialists side by side in one run, each bit-identical to training it alone,
+and exact resume from the run's joint checkpoint."""
 
 import pytest
 import ray
@@ -9,7 +9,8 @@ from ant_ray.config import load_config
 from ant_ray.deme.finetune import sample_timesteps
 from ant_ray.diffusion import build_model, load_model, save_model
 from ant_ray.stages.ray_runtime import start_ray
-from ant_ray.stages.diffusion_train import fit_diffusion
+from ant_ray.deme.finetune import train_diffusion
+from ant_ray.stages.ray_train import fit
 
 
 @pytest.fixture(scope="module")
@@ -27,27 +28,6 @@ def _cfg(tmp_path, steps):
         "finetune.resources={cpu: 1, num_workers: 1}"])
 
 
-def test_resume_is_exact(tmp_path, ray_local):
-    base = save_model(build_model("tiny", resolution=8, channels=1, seed=0), tmp_path / "base")
-
-    # The resumed run is given other initial weights: only a real resume from the checkpoint can match.
-    other = save_model(build_model("tiny", resolution=8, channels=1, seed=1), tmp_path / "other")
-
-    def fit(steps, name, out, init=base):
-        loop = {"range": [0, 500], "init_model": str(init), "teacher_model": str(base), "output_model": str(out),
-                "tracking": None, "seed": 7}
-        fit_diffusion(_cfg(tmp_path, steps), name=name, storage=tmp_path / "ray", section="finetune", loop=loop)
-        return load_model(out).state_dict()
-
-    straight = fit(6, "straight", tmp_path / "straight")
-    fit(3, "interrupted", tmp_path / "first_half")           # stops after its step-3 checkpoint
-    resumed = fit(6, "interrupted", tmp_path / "resumed", init=other)  # same name + storage: resumes at step 3
-    initial = load_model(base).state_dict()
-    assert any(not torch.equal(initial[k], straight[k]) for k in straight)
-    for key in straight:
-        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
-
-
 def test_probabilistic_sampling():
     gen = torch.Generator().manual_seed(0)
     draws = [sample_timesteps(64, 1000, (200, 300), 0.3, gen) for _ in range(400)]
@@ -56,3 +36,31 @@ def test_probabilistic_sampling():
     inside = [d for d in draws if ((d >= 200) & (d < 300)).all()]
     assert all(d.min() >= 200 and d.max() < 300 for d in inside)
     assert all(((sample_timesteps(64, 1000, (200, 300), 0.0, gen) >= 200)).all() for _ in range(10))
+
+
+def test_specialists_side_by_side_equal_specialists_alone(tmp_path, ray_local):
+    """One Ray Train run with two worker groups trains exactly what a separate run of one specialist trains (each
+    keeps its own seed, data order and checkpoint files), also when that run is interrupted after a checkpoint and
+    resumed: bit-identical, with consistency loss, probabilistic sampling and gradient accumulation. The resumed
+    run is given other initial weights, so only a real resume from the joint checkpoint can match."""
+    base = save_model(build_model("tiny", resolution=8, channels=1, seed=0), tmp_path / "base")
+    other = save_model(build_model("tiny", resolution=8, channels=1, seed=1), tmp_path / "other")
+
+    def spec(i, out, init=base):
+        return {"range": [0, 500] if i == 0 else [500, 1000], "init_model": str(init), "teacher_model": str(base),
+                "output_model": str(out), "tracking": None, "seed": 10 + i}
+
+    def train(models, name, steps):
+        run_cfg = _cfg(tmp_path, steps)
+        fit(train_diffusion, {"pipeline": run_cfg.worker_dump(), "section": "finetune", "name": name,
+                              "models": models, "evaluation": None},
+            name=name, storage=tmp_path / "ray", resources=run_cfg.finetune.resources, models=len(models))
+
+    train([spec(i, tmp_path / f"half_{i}") for i in range(2)], "joint", steps=3)  # stops after its step-3 checkpoint
+    train([spec(i, tmp_path / f"joint_{i}", other) for i in range(2)], "joint", steps=4)  # resumes both at step 3
+    train([spec(1, tmp_path / "alone_1")], "alone", steps=4)  # specialist 1 (worker group 1) on its own
+    joint, alone = load_model(tmp_path / "joint_1").state_dict(), load_model(tmp_path / "alone_1").state_dict()
+    initial = load_model(base).state_dict()
+    assert any(not torch.equal(initial[k], alone[k]) for k in alone)
+    for key in alone:
+        torch.testing.assert_close(joint[key], alone[key], rtol=0, atol=0, msg=key)

@@ -26,7 +26,7 @@ TINY = [
 @pytest.fixture(scope="module")
 def pipeline_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    cfg = load_config("search_spaces/demo.yaml", TINY + [f"output_dir={out}"])
+    cfg = load_config("search_spaces/pipeline_digits.yaml", TINY + [f"output_dir={out}"])
     try:
         yield cfg, run_pipeline(cfg)
     finally:
@@ -117,6 +117,6 @@ def test_resume_keeps_finished_specialists(pipeline_result):
 
 def test_resume_refuses_another_config(pipeline_result):
     cfg, first = pipeline_result
-    other = load_config("search_spaces/demo.yaml", TINY + [f"output_dir={cfg.output_dir}", "finetune.p=0.9"])
+    other = load_config("search_spaces/pipeline_digits.yaml", TINY + [f"output_dir={cfg.output_dir}", "finetune.p=0.9"])
     with pytest.raises(ValueError, match="another configuration"):
         run_pipeline(other, resume=first.run_dir)

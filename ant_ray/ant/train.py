@@ -57,8 +57,9 @@ from ant_ray.diffusion import (NoiseSchedule, build_model, build_weighting, diff
                                model_denoiser, save_model)
 from ant_ray.mtl import MTLMethod, build_mtl_method, flat_grad, flatten_grads, write_flat_grad
 from ant_ray.tracking import TrackedRun, loss_curve_figure
-from ant_ray.training import (AUTOCAST_DTYPES, load_training_state, save_training_state, step_generator, step_seed,
-                              update_ema, worker_device)
+from ant_ray.evaluation import EvaluationPlan, score_merged_states
+from ant_ray.training import (AUTOCAST_DTYPES, DivergenceGuard, TrainingDiverged, load_training_state,
+                              progress_line, save_training_state, step_generator, step_seed, update_ema, worker_device)
 
 TIMESTEP_SAMPLING = ("uniform", "stratified")
 _MTL_PREFIX = "mtl."  # key prefix of the MTL method's tensors in the checkpoint's extra.safetensors
@@ -219,8 +220,8 @@ class ClusteredStep:
         losses = sums / denominators
         if not bool(torch.isfinite(rows).all()):
             if not self.scaler.is_enabled():
-                raise FloatingPointError(f"training diverged: non-finite per-cluster gradients at step {step}; "
-                                         "lower ant.lr (or the loss weighting's scale)")
+                raise TrainingDiverged(f"ant diverged: non-finite per-cluster gradients at step {step}; lower "
+                                       "ant.lr (or the loss weighting's scale)")
             # Hand the overflow to the scaler: it skips this step and lowers the scale, as in plain training.
             write_flat_grad(self.params, rows.sum(0))
             return losses, torch.tensor(float("nan"), device=rows.device)
@@ -300,8 +301,9 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     """Ray Train worker entry point. ``loop_config`` keys: pipeline (PipelineConfig dump; the ``ant`` section is
     used), intervals (the k [start, end) clusters), init_model (diffusers folder or None: build model.base),
     output_dir (rank 0 writes checkpoint/, model/ and ema/ there), tracking (TrackedRun handle or None), seed, name,
-    resume_from (a checkpoint folder to continue from when Ray restores none; optional).
-    Returns (rank 0) a summary: steps, last per-cluster losses, mean images/s, the model folders."""
+    resume_from (a checkpoint folder to continue from when Ray restores none; optional), evaluation (an
+    EvaluationPlan dump: rank 0 scores the EMA model's FID at fixed steps and reports it; optional).
+    Returns (rank 0) a summary: steps, last per-cluster losses, mean images/s, the model folders, the last FID."""
     cfg = PipelineConfig.model_validate(loop_config["pipeline"])
     ant: ANTConfig = cfg.ant
     intervals = [(int(a), int(b)) for a, b in loop_config["intervals"]]
@@ -349,6 +351,19 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     run = TrackedRun(**loop_config["tracking"]) if loop_config.get("tracking") and rank == 0 else None
 
     per_rank = ant.batch_size // world
+    guard = DivergenceGuard("ant", tolerate_skipped_steps=scaler.is_enabled())
+    plan = EvaluationPlan.from_dump(loop_config.get("evaluation"))
+    scorer = plan.scorer(cfg, device) if plan is not None and rank == 0 else None
+    last_fid: float | None = None
+
+    def evaluate(done: int) -> dict[str, float]:
+        """Rank 0 scores the EMA model (the other ranks wait at the next report)."""
+        nonlocal last_fid
+        if rank != 0:
+            return {}
+        outcome = score_merged_states(plan, scorer, [ema.state_dict()], copy.deepcopy(ema), cfg)
+        last_fid = outcome.fid
+        return outcome.metrics()
 
     def loss_fn(denoise, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         return diffusion_loss(denoise, x0, t, noise, schedule, target=cfg.diffusion.prediction, weighting=weighting)
@@ -364,6 +379,7 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         raise ValueError(f"ant.batch_size ({ant.batch_size}) exceeds the dataset size ({len(data)})")
     batches = None
     tick, images_seen, run_images, run_seconds = time.perf_counter(), 0, 0, 0.0
+    started = tick
     metrics: dict[str, float] = {}
     for step in range(start_step, ant.steps):
         epoch, offset = divmod(step, steps_per_epoch)
@@ -381,18 +397,27 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         update_ema(ema, model, ant.ema_decay)
         images_seen += ant.batch_size
         done = step + 1
+        last = done == ant.steps
+        if done % 10 == 0 or done % ant.log_every == 0 or last:
+            guard.check(float(stats.mean_loss), done)  # periodic: a float() syncs the device
 
-        if done % ant.log_every == 0 or done == ant.steps:
+        if last and rank == 0:
+            # Saved before the final report: a scheduler may stop the trial as soon as it sees that result.
+            save_model(ema, output_dir / "ema")
+            save_model(model, output_dir / "model")
+        due = plan is not None and plan.due(done, ant.steps)
+        if done % ant.log_every == 0 or last or due:
             elapsed = time.perf_counter() - tick
             metrics = {**_step_metrics(stats, method), "images_per_s": images_seen / max(elapsed, 1e-9)}
             run_images, run_seconds = run_images + images_seen, run_seconds + elapsed
             history.append((done, metrics["loss"]))
             if run is not None:
                 run.log_metrics(metrics, step=done)
-                print(f"[{loop_config.get('name', 'ant')}] step {done}/{ant.steps} loss {metrics['loss']:.4f} "
-                      f"{metrics['images_per_s']:.0f} img/s", flush=True)
-            report = {**metrics, "step": done}
-            if done % ant.checkpoint_every == 0 or done == ant.steps:
+                seconds_per_step = (time.perf_counter() - started) / max(done - start_step, 1)
+                print(progress_line(loop_config.get("name", "ant"), done, ant.steps, metrics["loss"],
+                                    metrics["images_per_s"], seconds_per_step * (ant.steps - done)), flush=True)
+            report = {**metrics, "step": done, **(evaluate(done) if due else {})}
+            if done % ant.checkpoint_every == 0 or last:
                 _report_with_checkpoint(report, rank, output_dir / "checkpoint", model=model, ema=ema,
                                         optimizer=optimizer, method=method, scaler=scaler, step=done,
                                         history=history)
@@ -400,16 +425,23 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 ray.train.report(report)
             tick, images_seen = time.perf_counter(), 0
 
-    # --- the final save (rank 0): EMA and raw weights in diffusers format, the loss curve ---------------------
+    if start_step >= ant.steps and plan is not None:
+        # Restored from the final checkpoint (the run had finished, its result was lost): report the final score.
+        ray.train.report({"step": ant.steps, **evaluate(ant.steps)})
+
+    # --- after the loop (rank 0): the loss curve; the models were saved at the last step ----------------------
     if rank != 0:
         return None
-    ema_dir, model_dir = save_model(ema, output_dir / "ema"), save_model(model, output_dir / "model")
+    ema_dir, model_dir = output_dir / "ema", output_dir / "model"
+    if start_step >= ant.steps and not (ema_dir / "config.json").is_file():
+        save_model(ema, ema_dir)
+        save_model(model, model_dir)
     if run is not None and history:
         run.log_figure(loss_curve_figure(*zip(*history), title=loop_config.get("name", "ANT loss")),
                        "loss_curve.png")
     return {"steps": ant.steps, "start_step": start_step, "ema_model": str(ema_dir), "model": str(model_dir),
             "cluster_losses": {k: v for k, v in metrics.items() if k.startswith("loss_cluster_")},
-            "images_per_s": run_images / run_seconds if run_seconds > 0 else None}
+            "images_per_s": run_images / run_seconds if run_seconds > 0 else None, "fid": last_fid}
 
 
 def _report_with_checkpoint(metrics: dict, rank: int, folder: Path, *, model, ema, optimizer, method, scaler,

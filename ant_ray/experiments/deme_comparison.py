@@ -18,7 +18,8 @@ from ant_ray.experiments.comparison_table import ComparisonResult, slug, start_c
 from ant_ray.experiments.pipeline import run_pipeline
 from ant_ray.stages.evaluate import score_in_parallel
 from ant_ray.stages.ray_runtime import start_ray
-from ant_ray.stages.diffusion_train import finetune_plain
+from ant_ray.stages.deme_finetune import finetune_plain
+from ant_ray.stages.pretrain import cached_pretrained_path
 from ant_ray.tracking import TrackedRun, tracking_env
 
 # name -> (weighting, options): the baselines of DeMe Table 1 (min-SNR from Hang et al.)
@@ -50,7 +51,7 @@ def run_deme_comparison(cfg: PipelineConfig, seeds: list[int], *, report: Path |
                 result.scores.setdefault(arm, []).append(deme.scores[key])
 
             # The baselines: one model on all of [0, T) for N x steps iterations, no consistency loss.
-            base = _cached_pretrained(seed_cfg)
+            base = cached_pretrained_path(seed_cfg)
             refs, runs = {}, {}
             for arm, (weighting, options) in BASELINES.items():
                 arm_cfg = seed_cfg.model_copy(update={"finetune": seed_cfg.finetune.model_copy(update={
@@ -81,8 +82,3 @@ def run_deme_comparison(cfg: PipelineConfig, seeds: list[int], *, report: Path |
         parent.finish("FAILED")
         raise
 
-
-def _cached_pretrained(cfg: PipelineConfig) -> Path:
-    from ant_ray.stages.diffusion_train import pretrain_key
-
-    return cfg.output_path() / "cache" / "pretrained" / pretrain_key(cfg)

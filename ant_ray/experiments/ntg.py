@@ -14,13 +14,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import ray
 
 from ant_ray.config import PipelineConfig
 from ant_ray.evaluation import metric_name
 from ant_ray.stages.evaluate import score_in_parallel
 from ant_ray.stages.ray_runtime import start_ray
-from ant_ray.stages.diffusion_train import fit_remote, pretrained_model
+from ant_ray.deme.finetune import train_diffusion
+from ant_ray.stages.pretrain import pretrained_model
+from ant_ray.stages.ray_train import fit
 from ant_ray.tracking import TrackedRun, setup_experiment, tracking_env
 
 
@@ -85,14 +86,16 @@ def run_ntg(cfg: PipelineConfig, intervals: list[tuple[int, int]]) -> NTGResult:
         run_dir = Path(tempfile.mkdtemp(prefix=f"{cfg.name}-ntg-{time.strftime('%Y%m%d-%H%M%S')}-", dir=out / "runs"))
         run.set_tags({"ant_ray.run_dir": str(run_dir)})
         all_task, _ = pretrained_model(cfg, run_dir=run_dir, tracking=None)
-        # Interval models: the pretraining recipe (from scratch, same steps), restricted to [a, b).
-        refs = {}
-        for a, b in intervals:
-            loop = {"range": [a, b], "init_model": None, "teacher_model": None, "tracking": None, "seed": cfg.seed,
-                    "output_model": str(run_dir / f"interval_{a}_{b}" / "model")}
-            refs[(a, b)] = fit_remote.remote(cfg.model_dump(mode="json"), f"ntg-{run_dir.name}-{a}-{b}",
-                                             str(out / "ray_results"), loop, "pretrain")
-        specialists = dict(zip(refs, ray.get(list(refs.values()))))
+        # Interval models: the pretraining recipe (from scratch, same steps), restricted to [a, b); all of them side
+        # by side in one Ray Train run (one worker group per interval).
+        models = [{"range": [a, b], "init_model": None, "teacher_model": None, "tracking": None, "seed": cfg.seed,
+                   "output_model": str(run_dir / f"interval_{a}_{b}" / "model"), "name": f"interval-{a}-{b}"}
+                  for a, b in intervals]
+        fit(train_diffusion, {"pipeline": cfg.worker_dump(), "section": "pretrain",
+                              "name": f"ntg-{run_dir.name}", "models": models, "evaluation": None},
+            name=f"ntg-{run_dir.name}", storage=out / "ray_results", resources=cfg.pretrain.resources,
+            models=len(models))
+        specialists = {interval: Path(m["output_model"]) for interval, m in zip(intervals, models)}
         jobs = {"all": ([str(all_task)], None)}
         for interval, folder in specialists.items():
             ranges, who = routed_ranges(interval, T)

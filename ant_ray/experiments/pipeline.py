@@ -20,11 +20,14 @@ from ant_ray.deme.ranges import specialist_ranges
 from ant_ray.diffusion import build_model, load_model, model_denoiser, save_model
 from ant_ray.data import save_image_grid
 from ant_ray.evaluation import FIDScorer, load_reference_dataset, metric_name
-from ant_ray.merge import TaskVectorMerger, load_task_vector, save_task_vector, state_dict_fingerprint
-from ant_ray.search.merge_search import grid_size, search_merge_weights
-from ant_ray.stages.ray_runtime import start_ray
+from ant_ray.config import SearcherConfig
+from ant_ray.merge import TaskVectorMerger, load_task_vector, state_dict_fingerprint
+from ant_ray.search.merge_stage import MergePlan, check_task_vectors, run_merge_stage
+from ant_ray.search.tune_runs import StageSetup
+from ant_ray.stages.deme_finetune import finetune_specialists
 from ant_ray.stages.evaluate import score_in_parallel
-from ant_ray.stages.diffusion_train import finetune_specialists, pretrained_model
+from ant_ray.stages.pretrain import pretrained_model
+from ant_ray.stages.ray_runtime import start_ray
 from ant_ray.tracking import TrackedRun, setup_experiment, tracking_env, ui_command
 
 
@@ -159,21 +162,12 @@ def run_pipeline(cfg: PipelineConfig, *, parent_run_id: str | None = None,
         for run, (a, b) in zip(spec_runs, ranges):
             run.log_params({"range": f"{a},{b}", "p": cfg.finetune.p,
                             "lambda": cfg.finetune.consistency_weight, **cfg.finetune.model_dump(mode="json")})
-        _log(f"finetuning {len(ranges)} specialists on ranges {ranges} in parallel")
-        specialists = finetune_specialists(cfg, base_model=base, run_dir=run_dir, run_key=run_key,
-                                           trackings=[r.handle() for r in spec_runs])
-
-        # 3. task vectors, saved with their range, p, lambda and the base fingerprint
-        base_state = load_model(base).state_dict()
-        fingerprint = state_dict_fingerprint(base_state)
-        tv_paths = []
-        for i, (folder, (a, b)) in enumerate(zip(specialists, ranges)):
-            path = run_dir / "task_vectors" / f"specialist_{i}.safetensors"
-            save_task_vector(path, base_state, load_model(folder).state_dict(),
-                             {"range": (a, b), "p": cfg.finetune.p, "lambda": cfg.finetune.consistency_weight,
-                              "base_fingerprint": fingerprint})
-            spec_runs[i].log_artifact(path, "task_vector")
-            tv_paths.append(path)
+        _log(f"finetuning {len(ranges)} specialists on ranges {ranges} in parallel (one Ray Train run)")
+        finetuned = finetune_specialists(cfg, base_model=base, ranges=ranges, run_dir=run_dir,
+                                         name=f"specialists-{run_key}", trackings=[r.handle() for r in spec_runs])
+        specialists, tv_paths = finetuned.models, finetuned.task_vectors
+        for run, path in zip(spec_runs, tv_paths):
+            run.log_artifact(path, "task_vector")  # saved with its range, p, lambda and the base's fingerprint
 
         # 4. scores of the pretrained model, each specialist and the routed ensemble, in parallel on Ray
         _log(f"scoring pretrained, specialists and ensemble ({result.metric})")
@@ -187,25 +181,30 @@ def run_pipeline(cfg: PipelineConfig, *, parent_run_id: str | None = None,
             run.log_metrics({result.metric: scores[f"specialist {i} {list(ranges[i])}"]})
             finish(run)
 
-        # 5. merge-weight search with Ray Tune + Optuna; trials are child runs of the search run
+        # 5. merge-weight search with Ray Tune + Optuna (the search's merge stage at one fidelity); each candidate is
+        #    a child run of the search run
         search_run = child("merge-search", "merge_search")
         search_run.log_params(cfg.merge_search.model_dump(mode="json"))
-        task_vectors = []
-        for path in tv_paths:
-            tau, meta = load_task_vector(path)
-            if meta["base_fingerprint"] != fingerprint:
-                raise ValueError(f"{path} was computed against another base model")
-            task_vectors.append(tau)
+        base_state = load_model(base).state_dict()
+        check_task_vectors(tv_paths, state_dict_fingerprint(base_state))
         ms = cfg.merge_search
-        _log(f"searching merge weights ({ms.method}): " + (f"{ms.num_trials} trials, Optuna TPE"
-             if ms.searcher == "optuna" else f"coarse grid of {grid_size(cfg, len(task_vectors))} + fine grid"))
-        outcome = search_merge_weights(cfg, base_model=base, task_vectors=task_vectors, cache_dir=cache_dir,
-                                       experiment_id=experiment_id, parent=search_run.handle(), name=f"merge-{run_key}")
-        weights = outcome.weights
-        search_run.log_metrics({f"best_{result.metric}": outcome.fid, "trials": outcome.trials,
+        _log(f"searching merge weights ({ms.method}): " + (f"{ms.num_trials} candidates, Optuna TPE, anchors first"
+             if ms.searcher == "optuna" else "coarse grid + fine grid"))
+        setup = StageSetup(cfg=cfg, search_dir=run_dir, tracking_uri=uri, experiment_id=experiment_id,
+                           stage_run=search_run, study_name=f"{cfg.name}-{run_key}", resume=resume is not None,
+                           log=_log)
+        plan = MergePlan(fidelities=[cfg.fid.num_samples], num_candidates=ms.num_trials, reduction_factor=3.0,
+                         searcher=SearcherConfig(name="tpe" if ms.searcher == "optuna" else "grid", seed=cfg.seed),
+                         max_concurrent=ms.max_concurrent, cpu=ms.resources.cpu, gpu=ms.resources.gpu)
+        outcome = run_merge_stage(setup, base_model=base, task_vectors=tv_paths, plan=plan, merge=ms)
+        weights = outcome.winner["weights"]
+        trials = outcome.trials()
+        best_index = int(trials["fid"].idxmin())
+        search_run.log_metrics({f"best_{result.metric}": outcome.best_score, "trials": len(trials),
                                 "images_generated": outcome.images_generated,
-                                "images_to_best": outcome.images_to_best})
+                                "images_to_best": (best_index + 1) * cfg.fid.num_samples})
         search_run.log_params({"best_weights": weights})
+        task_vectors = [load_task_vector(p)[0] for p in tv_paths]
 
         # 6. the merged model: written once, for the best weights only
         merged = load_model(base)
@@ -216,10 +215,11 @@ def run_pipeline(cfg: PipelineConfig, *, parent_run_id: str | None = None,
         grid = scorer.sample(model_denoiser(merged.to(scorer.device).eval()), 64, cfg.seed)
         search_run.log_artifact(save_image_grid(grid, run_dir / "merged" / "samples.png"))
         finish(search_run)
-        scores["DeMe merged (best weights)"] = outcome.fid
+        scores["DeMe merged (best weights)"] = outcome.best_score
 
-        result.scores, result.best_weights, result.merge_trials = scores, weights, outcome.trials
-        result.merge_images_to_best, result.merge_images_generated = outcome.images_to_best, outcome.images_generated
+        result.scores, result.best_weights, result.merge_trials = scores, weights, len(trials)
+        result.merge_images_to_best = (best_index + 1) * cfg.fid.num_samples
+        result.merge_images_generated = outcome.images_generated
         result.seconds = time.time() - started
         pipeline.log_metrics({f"{_metric_key(k)}_{result.metric}": v for k, v in scores.items()})
         pipeline.log_metrics({"seconds": result.seconds})

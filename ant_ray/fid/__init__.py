@@ -13,7 +13,8 @@ from ant_ray.fid.extractors import (
     ensure_inception_weights,
 )
 from ant_ray.fid.frechet import FeatureStats, StreamingFeatureStats, frechet_distance
-from ant_ray.fid.score import batch_seed, fid_from_sampler, fid_metric_name, reference_stats, reference_stats_path
+from ant_ray.fid.score import (batch_seed, extend_feature_stream, fid_from_sampler, fid_metric_name, reference_stats,
+                              reference_stats_path)
 
 __all__ = [
     "FEATURE_EXTRACTORS",
@@ -29,6 +30,7 @@ __all__ = [
     "build_feature_extractor",
     "dataset_fingerprint",
     "ensure_inception_weights",
+    "extend_feature_stream",
     "fid_from_sampler",
     "fid_metric_name",
     "frechet_distance",

@@ -156,3 +156,28 @@ class StreamingFeatureStats:
         if self.n < 2:
             raise ValueError(f"need at least 2 feature vectors for a covariance, got {self.n}")
         return FeatureStats(mu=self._mean.copy(), sigma=self._centred_outer / (self.n - 1), n=self.n)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """The running state (not just mean and covariance), so a later call can continue the same stream."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                np.savez(handle, n=np.int64(self.n), mean=self._mean, centred_outer=self._centred_outer)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "StreamingFeatureStats":
+        with np.load(path, allow_pickle=False) as data:
+            if {"n", "mean", "centred_outer"} - set(data.files):
+                raise ValueError(f"{path} is not a saved feature stream; delete it to start the stream again")
+            running = cls(int(data["mean"].shape[0]))
+            running.n = int(data["n"])
+            running._mean = data["mean"].astype(np.float64)
+            running._centred_outer = data["centred_outer"].astype(np.float64)
+        return running
+

@@ -90,6 +90,24 @@ def fid_from_sampler(
     images, so the same (seed, n, batch_size) gives the same images. Only the running mean and covariance
     are kept, so memory does not grow with n.
     """
+    if ref_stats.dim != extractor.feature_dim:
+        raise ValueError(f"ref_stats have dimension {ref_stats.dim} but the {extractor.name!r} extractor gives "
+                         f"{extractor.feature_dim}; compute ref_stats with the same extractor")
+    running = extend_feature_stream(sample_fn, None, n, batch_size, extractor, seed)
+    return running.to_stats().frechet_distance(ref_stats)
+
+
+def extend_feature_stream(
+    sample_fn: SampleFn,
+    running: StreamingFeatureStats | None,
+    n: int,
+    batch_size: int,
+    extractor: FeatureExtractor,
+    seed: int,
+) -> StreamingFeatureStats:
+    """Features of the first ``n`` images of the stream (seed, batch_size), continuing ``running`` (the features
+    of its first ``running.n`` images) instead of generating those again: successive halving re-scores a candidate
+    at a higher fidelity for the cost of the extra images only. The result equals a fresh stream of ``n``."""
     for arg, value in (("n", n), ("batch_size", batch_size), ("seed", seed)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"{arg} must be an int, got {value!r}")
@@ -97,11 +115,16 @@ def fid_from_sampler(
         raise ValueError(f"n must be >= 2 for a covariance, got {n}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if ref_stats.dim != extractor.feature_dim:
-        raise ValueError(f"ref_stats have dimension {ref_stats.dim} but the {extractor.name!r} extractor gives "
-                         f"{extractor.feature_dim}; compute ref_stats with the same extractor")
-    running = StreamingFeatureStats(extractor.feature_dim)
+    running = running if running is not None else StreamingFeatureStats(extractor.feature_dim)
+    if running.dim != extractor.feature_dim:
+        raise ValueError(f"the stream has dimension {running.dim} but the {extractor.name!r} extractor gives "
+                         f"{extractor.feature_dim}")
+    if running.n > n or running.n % batch_size:
+        raise ValueError(f"cannot continue a stream of {running.n} images to {n} in batches of {batch_size}: it "
+                         "must stop at a whole batch, below n")
     for index, start in enumerate(range(0, n, batch_size)):
+        if start < running.n:
+            continue
         size = min(batch_size, n - start)
         images = sample_fn(size, batch_seed(seed, index))
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] != size:
@@ -110,4 +133,4 @@ def fid_from_sampler(
         if not torch.isfinite(images).all():
             raise ValueError(f"sample_fn returned NaN or inf in batch {index}; the model has likely diverged")
         running.update(extractor.features(images))
-    return running.to_stats().frechet_distance(ref_stats)
+    return running

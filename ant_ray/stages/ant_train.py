@@ -17,13 +17,11 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import ray
 import torch
-from ray.train import FailureConfig, RunConfig
-from ray.train.torch import TorchTrainer
 
 from ant_ray.ant.affinity import affinity_heatmap, average_affinity, expand_bucket_affinity
 from ant_ray.ant.affinity_stage import bucket_affinity, draw_affinity_batch
@@ -34,7 +32,8 @@ from ant_ray.diffusion import NoiseSchedule, build_model, build_weighting, load_
 from ant_ray.evaluation import load_reference_dataset, metric_name, pick_device
 from ant_ray.stages.ray_runtime import start_ray
 from ant_ray.stages.evaluate import score_in_parallel
-from ant_ray.stages.diffusion_train import fit_diffusion, scaling_config
+from ant_ray.deme.finetune import train_diffusion
+from ant_ray.stages.ray_train import fit
 from ant_ray.tracking import TrackedRun, setup_experiment, tracking_env, ui_command
 
 
@@ -134,31 +133,45 @@ def _affinity_models(cfg: PipelineConfig, run_dir: Path, run_key: str) -> list[s
         out = run_dir / "affinity" / f"warmup_model_{steps}"
         warm_cfg = cfg.model_copy(update={"ant": cfg.ant.model_copy(
             update={"steps": steps, "checkpoint_every": settings.warmup_steps})})
-        fit_diffusion(warm_cfg, name=f"ant-warmup-{cfg.name}-{run_key}", storage=cfg.output_path() / "ray_results",
-                      section="ant", loop={"range": None, "init_model": start, "teacher_model": None,
-                                           "output_model": str(out), "tracking": None, "seed": cfg.seed})
+        warmup = {"range": None, "init_model": start, "teacher_model": None, "output_model": str(out),
+                  "tracking": None, "seed": cfg.seed, "name": "ant-warmup"}
+        fit(train_diffusion, {"pipeline": warm_cfg.worker_dump(), "section": "ant", "name": "ant-warmup",
+                              "models": [warmup], "evaluation": None},
+            name=f"ant-warmup-{cfg.name}-{run_key}", storage=cfg.output_path() / "ray_results",
+            resources=cfg.ant.resources)
         models.append(str(out))
     return models
+
+
+def stage_affinity(cfg: PipelineConfig, run_dir: Path, run_key: str,
+                   run: TrackedRun | None) -> tuple[np.ndarray, Path]:
+    """The [B, B] bucket affinity of the starting model (averaged over warm-up checkpoints), measured in Ray tasks
+    holding the training resources, saved as .npy + heatmap under run_dir/affinity and logged to ``run``. It does
+    not depend on k or the MTL method, so a search measures it once for all its trials."""
+    sources = _affinity_models(cfg, run_dir, run_key)
+    cfg_dump = cfg.worker_dump()
+    affinity = average_affinity(ray.get([_measure_affinity_remote.options(**_task_options(cfg)).remote(
+        cfg_dump, source) for source in sources]))
+    folder = run_dir / "affinity"
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "bucket_affinity.npy", affinity)
+    affinity_heatmap(affinity, folder / "bucket_affinity.png",
+                     title=f"Task affinity ({cfg.ant.affinity.buckets} timestep buckets)")
+    if run is not None:
+        run.log_artifact(folder / "bucket_affinity.npy", "affinity")
+        run.log_artifact(folder / "bucket_affinity.png", "affinity")
+    return affinity, folder / "bucket_affinity.npy"
 
 
 # ------------------------------------------------------------------------------------------------ training
 
 
-def fit_ant(cfg: PipelineConfig, *, name: str, storage: Path, loop: dict[str, Any],
+def fit_ant(cfg: PipelineConfig, *, name: str, storage: Path, loop: dict[str, Any], callbacks: Sequence[Any] = (),
             max_failures: int = 0) -> ray.train.Result:
     """Run ``train_ant`` on Ray Train with ``ant.resources``; returns the Result (return_value: rank 0's summary).
     Re-running with the same name and storage resumes from the run's last checkpoint."""
-    trainer = TorchTrainer(
-        train_ant,
-        train_loop_config={"pipeline": cfg.model_dump(mode="json"), "name": name, **loop},
-        scaling_config=scaling_config(cfg.ant.resources),
-        run_config=RunConfig(name=name, storage_path=str(storage),
-                             failure_config=FailureConfig(max_failures=max_failures)),
-    )
-    result = trainer.fit()
-    if result.error is not None:
-        raise RuntimeError(f"ANT training run {name!r} failed: {result.error}") from result.error
-    return result
+    return fit(train_ant, {"pipeline": cfg.worker_dump(), "name": name, **loop}, name=name,
+               storage=storage, resources=cfg.ant.resources, callbacks=callbacks, max_failures=max_failures)
 
 
 def _log(message: str) -> None:
@@ -193,25 +206,14 @@ def run_ant(cfg: PipelineConfig, *, resume_from: str | Path | None = None, score
     result = ANTResult(name=name, method=ant.method, clustering=ant.clustering, intervals=[], run_dir=run_dir,
                        ema_model=run_dir / "ema", model=run_dir / "model", tracking_uri=uri, run_id=run.run_id,
                        metric=metric_name(cfg))
-    cfg_dump = cfg.model_dump(mode="json")
     try:
         _log(start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=tracking_env(uri)))
 
         # 1. clusters
         affinity = None
         if ant.clustering == "gradient":
-            sources = _affinity_models(cfg, run_dir, run_key)
-            _log(f"measuring task affinity ({ant.affinity.buckets} buckets) of {len(sources)} checkpoint(s)")
-            affinity = average_affinity(ray.get([_measure_affinity_remote.options(**_task_options(cfg)).remote(
-                cfg_dump, source) for source in sources]))
-            folder = run_dir / "affinity"
-            folder.mkdir(parents=True, exist_ok=True)
-            np.save(folder / "bucket_affinity.npy", affinity)
-            affinity_heatmap(affinity, folder / "bucket_affinity.png",
-                             title=f"Task affinity ({ant.affinity.buckets} timestep buckets)")
-            run.log_artifact(folder / "bucket_affinity.npy", "affinity")
-            run.log_artifact(folder / "bucket_affinity.png", "affinity")
-            result.affinity_file = folder / "bucket_affinity.npy"
+            _log(f"measuring task affinity ({ant.affinity.buckets} buckets)")
+            affinity, result.affinity_file = stage_affinity(cfg, run_dir, run_key, run)
         result.intervals = resolve_clusters(cfg, affinity=affinity)
         (run_dir / "intervals.json").write_text(json.dumps(result.intervals))
         run.log_artifact(run_dir / "intervals.json")

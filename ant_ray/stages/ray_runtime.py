@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 
 import ray
+
+from ant_ray.stages.ray_logs import install_worker_log_filter
 
 
 def _free_port() -> int:
@@ -24,6 +28,7 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, env: d
     env_vars = dict(env or {})
     if address:
         ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        install_worker_log_filter()
         return f"joined Ray at {address}"
     # Local clusters enable token auth from Ray 2.59; a private throwaway instance does not need it.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -36,4 +41,19 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, env: d
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, runtime_env={"env_vars": env_vars}, log_to_driver=True,
              logging_level="WARNING")
+    install_worker_log_filter()
+    _start_watchdog()
     return f"started a private local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs, dashboard {api})"
+
+
+def _start_watchdog() -> None:
+    """Tie the private Ray's processes to this driver's lifetime (see ray_watchdog.py); Linux only."""
+    if not sys.platform.startswith("linux"):
+        return
+    node = ray._private.worker._global_node
+    pids = [info.process.pid for infos in node.all_processes.values() for info in infos
+            if info.process is not None]
+    if pids:
+        subprocess.Popen([sys.executable, "-m", "ant_ray.stages.ray_watchdog", str(os.getpid()), *map(str, pids)],
+                         start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)

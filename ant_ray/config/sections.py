@@ -1,16 +1,11 @@
-"""The validated configuration: YAML under `search_spaces/` + `--set key=value` overrides -> typed objects.
-
-Every section forbids unknown keys, so a typo fails at load time with the field's dotted name, before Ray starts.
-"""
+"""The sections of a configuration: plain, validated data. Every section forbids unknown keys, so a typo fails at
+load time with the field's dotted name, before Ray starts."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -227,95 +222,3 @@ class ComparisonConfig(Section):
         for name in methods:
             MTL_METHODS.get(name)  # raises listing the choices
         return methods
-
-
-class PipelineConfig(Section):
-    name: str = "ant_ray"
-    seed: int = 0
-    output_dir: str = "ant_ray_runs"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    tracking: TrackingConfig = TrackingConfig()
-    ray: RayConfig = RayConfig()
-    data: DataConfig = DataConfig()
-    diffusion: DiffusionConfig = DiffusionConfig()
-    model: ModelConfig = ModelConfig()
-    sampler: SamplerConfig = SamplerConfig()
-    fid: FIDConfig = FIDConfig()
-    pretrain: TrainConfig = TrainConfig()
-    finetune: FinetuneConfig = FinetuneConfig()
-    merge_search: MergeSearchConfig = MergeSearchConfig()
-    ant: ANTConfig = ANTConfig()
-    comparison: ComparisonConfig = ComparisonConfig()
-
-    @model_validator(mode="after")
-    def _cross_checks(self) -> "PipelineConfig":
-        T = self.diffusion.T
-        if self.sampler.steps > T:
-            raise ValueError(f"sampler.steps ({self.sampler.steps}) cannot exceed diffusion.T ({T})")
-        if self.finetune.num_specialists > T:
-            raise ValueError(f"finetune.num_specialists ({self.finetune.num_specialists}) cannot exceed diffusion.T")
-        if self.ant.k > T:
-            raise ValueError(f"ant.k ({self.ant.k}) cannot exceed diffusion.T ({T})")
-        if self.finetune.ranges is not None and (self.finetune.ranges[0][0] != 0 or self.finetune.ranges[-1][1] != T):
-            raise ValueError(f"finetune.ranges must cover [0, {T}) exactly, got {self.finetune.ranges}")
-        return self
-
-    def output_path(self) -> Path:
-        return Path(self.output_dir).expanduser().resolve()
-
-    def tracking_uri(self) -> str:
-        return (os.environ.get("MLFLOW_TRACKING_URI") or self.tracking.uri
-                or f"sqlite:///{self.output_path() / 'mlflow.db'}")
-
-
-def _parse_value(text: str) -> Any:
-    return yaml.safe_load(text)
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Apply `a.b.c=value` overrides (value parsed as YAML) to a nested dict, creating sections as needed."""
-    raw = dict(raw)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set expects key=value, got {item!r} (e.g. --set pretrain.steps=200)")
-        key, value = item.split("=", 1)
-        node = raw
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            child = node.get(part)
-            node[part] = dict(child) if isinstance(child, dict) else {}
-            node = node[part]
-        node[parts[-1]] = _parse_value(value)
-    return raw
-
-
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid configuration in {source}:"]
-    for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field; check the spelling against search_spaces/README.md"
-        lines.append(f"  {field}: {msg}")
-    return "\n".join(lines)
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
-                **updates: Any) -> PipelineConfig:
-    """Load a YAML config (or the defaults when path is None), apply overrides, validate."""
-    raw: dict = {}
-    source = "defaults"
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (the shipped ones are in search_spaces/)")
-        raw = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path} must hold a YAML mapping at the top level")
-        source = str(path)
-    raw = apply_overrides(raw, list(overrides or []))
-    raw.update(updates)
-    try:
-        return PipelineConfig.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(_format_errors(err, source)) from None

@@ -1,0 +1,129 @@
+"""Two callbacks that connect the layers of a trial:
+
+- `ScoreReportCallback` (Ray Train side): forwards to Tune only the training reports that carry the stage's FID,
+  so schedulers and searchers see one metric at fixed steps (plain `TuneReportCallback` forwards every report,
+  and Tune insists that every result has the metric).
+- `TrialTracker` (Tune driver side): mirrors each trial's scores into its MLflow run as they arrive, and when the
+  trial ends records its fate (finished, stopped early, diverged, failed) and closes its MLflow runs, also when
+  the trial process was killed by a scheduler and never got to close them itself.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from ant_ray.tracking import TrackedRun
+
+RUN_ID_FILE = "mlflow_run_id"  # in a trial's folder: its MLflow run
+TRAIN_RUN_IDS_FILE = "mlflow_train_run_ids.json"  # in a trial's folder: its Ray Train runs' MLflow runs
+
+
+class ScoreReportCallback(TuneReportCallback):
+    def __init__(self, metric: str):
+        super().__init__()
+        self.metric = metric
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        if self.metric in metrics[0]:
+            super().after_report(run_context, metrics, None)  # a trial resumes through Train's own checkpoints
+
+
+def trial_folder(stage_dir: Path, trial_id: str) -> Path:
+    return stage_dir / "trials" / trial_id
+
+
+class TrialTracker(tune.Callback):
+    """``metric``: the result key to mirror; ``final_step``: the step (or sample count) of a trial's final score;
+    ``step_key``: how far a trial got. Trials find their MLflow run ids in their folders under ``stage_dir``."""
+
+    def __init__(self, tracking_uri: str, stage_dir: Path, metric: str, final_step: int, step_key: str = "step",
+                 trial_dir_of=None):
+        self.tracking_uri = tracking_uri
+        self.stage_dir = stage_dir
+        self.metric = metric
+        self.final_step = final_step
+        self.step_key = step_key
+        self.trial_dir_of = trial_dir_of or (lambda trial: trial_folder(stage_dir, trial.trial_id))
+
+    def _runs(self, trial) -> tuple[TrackedRun | None, list[TrackedRun]]:
+        folder = self.trial_dir_of(trial)
+        main = folder / RUN_ID_FILE
+        run = TrackedRun(self.tracking_uri, main.read_text().strip()) if main.is_file() else None
+        train = folder / TRAIN_RUN_IDS_FILE
+        train_runs = [TrackedRun(self.tracking_uri, rid) for rid in json.loads(train.read_text())] \
+            if train.is_file() else []
+        return run, train_runs
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        run, _ = self._runs(trial)
+        value = result.get(self.metric)
+        if run is not None and value is not None and math.isfinite(value):
+            run.log_metrics({self.metric: value}, step=int(result.get(self.step_key, 0)))
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = trial.last_result or {}
+        if result.get("diverged"):
+            self._close(trial, "diverged", "FAILED")
+        elif int(result.get(self.step_key, 0)) < self.final_step:
+            self._close(trial, "stopped_early", "KILLED")
+        else:
+            self._close(trial, "finished", "FINISHED")
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._close(trial, "failed", "FAILED")
+
+    def _close(self, trial, fate: str, status: str) -> None:
+        run, train_runs = self._runs(trial)
+        for tracked in ([run] if run is not None else []) + train_runs:
+            tracked.set_tags({"ant_ray.fate": fate})
+            if tracked.status() == "RUNNING":
+                tracked.finish(status)
+
+
+class TrialStatusPrinter(tune.Callback):
+    """One compact line per change of a stage's trials: how many run, finished, were stopped early or failed, and
+    the best final score so far (Tune's own progress tables are off by default)."""
+
+    def __init__(self, stage: str, metric: str, final_step: int, log, step_key: str = "step"):
+        self.stage, self.metric, self.final_step, self.log, self.step_key = stage, metric, final_step, log, step_key
+        self.best: tuple[float, dict] | None = None
+
+    def _print(self, trials) -> None:
+        counts: dict[str, int] = {}
+        for trial in trials:
+            status = trial.status
+            if status == "TERMINATED":
+                last = trial.last_result or {}
+                status = ("diverged" if last.get("diverged") else
+                          "stopped early" if int(last.get(self.step_key, 0) or 0) < self.final_step else "finished")
+            elif status == "ERROR":
+                status = "failed"
+            counts[status.lower()] = counts.get(status.lower(), 0) + 1
+        order = ["running", "pending", "finished", "stopped early", "diverged", "failed"]
+        parts = [f"{counts[k]} {k}" for k in order if counts.get(k)]
+        best = ""
+        if self.best is not None:
+            values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.best[1].items())
+            best = f" | best {self.metric} {self.best[0]:.3f}" + (f" ({values})" if values else "")
+        self.log(f"{self.stage} trials: {', '.join(parts)}{best}")
+
+    def on_trial_start(self, iteration, trials, trial, **info) -> None:
+        self._print(trials)
+
+    def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+        result = trial.last_result or {}
+        value = result.get(self.metric)
+        finished = int(result.get(self.step_key, 0) or 0) >= self.final_step and not result.get("diverged")
+        if finished and value is not None and math.isfinite(value) and (self.best is None or value < self.best[0]):
+            config = trial.config.get("point", trial.config)
+            self.best = (value, {k: v for k, v in config.items() if not isinstance(v, (dict, list))})
+        self._print(trials)
+
+    def on_trial_error(self, iteration, trials, trial, **info) -> None:
+        self._print(trials)

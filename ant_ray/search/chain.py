@@ -1,0 +1,319 @@
+"""The search end to end: ant -> deme -> merge (the stages the config's `search:` names, in that order, each
+starting from the previous stage's winner), then the winner re-scored at the final fidelity and saved.
+
+Everything lives in one search folder (`<output_dir>/searches/<name>-<date>-<id>/`): the config, `state.json`
+(which stages are done, the MLflow run ids), one folder per stage, the Optuna journal and the winner. `resume`
+continues a search whose driver died: finished stages are read back, the interrupted stage's Tune experiment is
+restored (finished trials are not rerun, interrupted ones continue from their Ray Train checkpoints), and the same
+MLflow runs are continued.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from ant_ray.config import PipelineConfig, ResourcesConfig
+from ant_ray.data import save_image_grid
+from ant_ray.diffusion import build_model, load_model, model_denoiser, save_model
+from ant_ray.evaluation import FIDScorer, load_reference_dataset, metric_name
+from ant_ray.merge import TaskVectorMerger, load_task_vector, state_dict_fingerprint
+from ant_ray.search.merge_stage import MergePlan, check_task_vectors, run_merge_stage
+from ant_ray.search.outcome import StageOutcome
+from ant_ray.search.plots import merge_landscape, study_figures
+from ant_ray.search.result import SearchResult
+from ant_ray.search.training_stage import run_training_stage
+from ant_ray.search.tune_runs import StageSetup, log_line
+from ant_ray.stages.evaluate import score_with_seeds
+from ant_ray.stages.ray_runtime import start_ray
+from ant_ray.tracking import TrackedRun, setup_experiment, tracking_env
+
+STATE_FILE = "state.json"
+
+
+# ------------------------------------------------------------------------------------------------ before anything
+
+
+def check_search_inputs(cfg: PipelineConfig) -> None:
+    """Bad input fails here, in seconds, before Ray starts or anything is written."""
+    search = cfg.search
+    if search is None or not search.stages():
+        raise ValueError("this config has no search: section; add one (see search_spaces/quickstart.yaml) or run "
+                         "the fixed pipeline with `ant-ray run`")
+    data = load_reference_dataset(cfg)
+    build_model(cfg.model.base, resolution=cfg.data.resolution, channels=cfg.data.channels)
+    sections = (["ant"] if search.ant else []) + (["pretrain", "finetune"] if search.deme else [])
+    for section in sections:
+        if getattr(cfg, section).batch_size > len(data):
+            raise ValueError(f"{section}.batch_size ({getattr(cfg, section).batch_size}) exceeds the dataset size "
+                             f"({len(data)})")
+    if cfg.fid.extractor == "inception":
+        from ant_ray.fid import ensure_inception_weights
+
+        ensure_inception_weights()
+    if search.merge is not None and search.merge.task_vectors is not None:
+        base = Path(search.merge.base_model)
+        missing = [p for p in search.merge.task_vectors if not Path(p).is_file()]
+        if missing:
+            raise ValueError(f"search.merge.task_vectors: {missing[0]} does not exist")
+        check_task_vectors([Path(p) for p in search.merge.task_vectors],
+                           state_dict_fingerprint(load_model(base).state_dict()))
+
+
+def _check_resources(cfg: PipelineConfig) -> None:
+    """One trial of each stage must fit the cluster (its driver plus its Ray Train workers)."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    search = cfg.search
+    needs: list[tuple[str, str, ResourcesConfig | None]] = []
+    if search.ant:
+        needs.append(("ant", "ant", cfg.ant.resources))
+    if search.deme:
+        needs.append(("deme", "finetune", cfg.finetune.resources))
+    for stage, section, workers in needs:
+        settings = getattr(search, stage)
+        n = max(1, workers.num_workers) * (cfg.finetune.num_specialists if stage == "deme" else 1)
+        cpu = settings.resources.cpu + workers.cpu * n
+        gpu = settings.resources.gpu + workers.gpu * n
+        if cpu > cpus or gpu > gpus:
+            raise ValueError(f"search.{stage}: one trial needs {cpu:g} CPUs and {gpu:g} GPUs (its driver plus "
+                             f"{n} workers of {section}.resources) but the cluster has {cpus:g} CPUs and {gpus:g} "
+                             f"GPUs; lower {section}.resources or start Ray with more (ray.num_cpus)")
+        if cpu * settings.max_concurrent > cpus or gpu * settings.max_concurrent > gpus:
+            log_line(f"note: search.{stage}.max_concurrent={settings.max_concurrent} trials need "
+                 f"{cpu * settings.max_concurrent:g} CPUs / {gpu * settings.max_concurrent:g} GPUs; the cluster has "
+                 f"{cpus:g} / {gpus:g}, so fewer will run at once")
+
+
+# ------------------------------------------------------------------------------------------------ the search folder
+
+
+def _config_text(cfg: PipelineConfig) -> str:
+    """What must not change between a search and its resume (where Ray runs may)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude={"ray"}), sort_keys=True)
+
+
+def prepare_search_dir(cfg: PipelineConfig, resume: Path | None) -> tuple[Path, dict]:
+    if resume is None:
+        key = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        search_dir = cfg.output_path() / "searches" / f"{cfg.name}-{key}"
+        search_dir.mkdir(parents=True, exist_ok=False)
+        (search_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        state = {"done": [], "stage_runs": {}, "parent_run_id": None}
+        (search_dir / STATE_FILE).write_text(json.dumps(state))
+        return search_dir, state
+    search_dir = Path(resume).expanduser().resolve()
+    saved = search_dir / "config.yaml"
+    if not (saved.is_file() and (search_dir / STATE_FILE).is_file()):
+        raise ValueError(f"--resume {search_dir} is not a search folder (expected config.yaml and {STATE_FILE}, "
+                         f"as in {cfg.output_path() / 'searches'}/<name>-<date>-<id>)")
+    if _config_text(PipelineConfig.model_validate(yaml.safe_load(saved.read_text()))) != _config_text(cfg):
+        raise ValueError(f"--resume {search_dir}: that search used another configuration (see its config.yaml); "
+                         "resume with the same config and --set overrides, or start a new search")
+    return search_dir, json.loads((search_dir / STATE_FILE).read_text())
+
+
+def _save_state(search_dir: Path, state: dict) -> None:
+    tmp = search_dir / (STATE_FILE + ".tmp")
+    tmp.write_text(json.dumps(state, indent=1))
+    os.replace(tmp, search_dir / STATE_FILE)
+
+
+# ------------------------------------------------------------------------------------------------ the search
+
+
+def run_search(cfg: PipelineConfig, *, resume: Path | None = None,
+               log: Callable[[str], None] = log_line) -> SearchResult:
+    started = time.time()
+    check_search_inputs(cfg)
+    search_dir, state = prepare_search_dir(cfg, resume)
+    log(f"search folder: {search_dir}")
+    uri = cfg.tracking_uri()
+    out = cfg.output_path()
+    experiment_id = setup_experiment(uri, cfg.tracking.experiment, out / "mlartifacts")
+
+    def adopt_or_start(key: str, name: str, parent: str | None, tags: dict) -> TrackedRun:
+        run_id = state["stage_runs"].get(key) if key != "search" else state["parent_run_id"]
+        if run_id:
+            run = TrackedRun(uri, run_id)
+            run.reopen()
+            return run
+        run = TrackedRun.start(uri, experiment_id, name, parent_run_id=parent,
+                               tags={"ant_ray.search_dir": str(search_dir), **tags})
+        if key == "search":
+            state["parent_run_id"] = run.run_id
+        else:
+            state["stage_runs"][key] = run.run_id
+        _save_state(search_dir, state)
+        return run
+
+    parent = adopt_or_start("search", f"search-{search_dir.name}", None, {"ant_ray.stage": "search"})
+    if resume is None:
+        parent.log_params({k: v for k, v in cfg.model_dump(mode="json").items() if k != "search"})
+        parent.log_text(search_dir / "search.yaml", yaml.safe_dump(cfg.search.model_dump(mode="json"),
+                                                                   sort_keys=False))
+    else:
+        parent.set_tags({"ant_ray.resumed": True})
+    open_runs = [parent]
+    # Tune saves its experiment state after every result, so a killed driver loses no finished trial.
+    os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "0"
+    # The stages keep their own tables; Tune's CSV/JSON/TensorBoard loggers would only duplicate them (and Tune's
+    # result grid then warns that it finds no CSV to read back, which is expected).
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    try:
+        log(start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=tracking_env(uri)))
+        _check_resources(cfg)
+        log(f"FID: {cfg.fid.extractor} features, reference statistics cached in {out / 'cache' / 'fid'}")
+        FIDScorer(cfg, out / "cache" / "fid")  # builds the extractor and reference statistics once, here
+
+        outcomes: dict[str, StageOutcome] = {}
+        for stage in cfg.search.stages():
+            saved = search_dir / stage / "outcome.json"
+            if stage in state["done"] and saved.is_file():
+                outcomes[stage] = StageOutcome.load(saved)
+                log(f"{stage} stage: done before the interruption, kept")
+                continue
+            run = adopt_or_start(stage, f"{stage}-search", parent.run_id, {"ant_ray.stage": f"{stage}_search"})
+            open_runs.append(run)
+            if stage == "merge":
+                run.log_params({"search.merge": cfg.search.merge.model_dump(mode="json"),
+                                "merge_search": cfg.merge_search.model_dump(mode="json")})
+            else:
+                run.log_params(getattr(cfg.search, stage).model_dump(mode="json"))
+            setup = StageSetup(cfg=cfg, search_dir=search_dir, tracking_uri=uri, experiment_id=experiment_id,
+                               stage_run=run, study_name=search_dir.name,
+                               resume=resume is not None, log=log)
+            if stage == "merge":
+                outcome = _merge(cfg, setup, outcomes.get("deme"))
+            else:
+                outcome = run_training_stage(stage, setup, ant_winner=outcomes["ant"].winner
+                                             if "ant" in outcomes else None)
+            _publish_stage(outcome, run, search_dir, cfg)
+            outcome.save(saved)
+            run.finish()
+            open_runs.remove(run)
+            state["done"].append(stage)
+            _save_state(search_dir, state)
+            outcomes[stage] = outcome
+            log(f"{stage} stage done in {outcome.seconds / 60:.1f} min: best {outcome.metric} "
+                f"{outcome.best_score:.3f}")
+
+        winner_dir = _save_winner(cfg, outcomes, search_dir)
+        final = cfg.search.final
+        final_metric = metric_name(cfg, final.num_samples)
+        log(f"re-scoring the winner: {final_metric} with sampling seeds {final.seeds}")
+        resources = cfg.search.merge.resources if cfg.search.merge else cfg.merge_search.resources
+        repeated = score_with_seeds(cfg, out / "cache" / "fid", winner_dir, num_samples=final.num_samples,
+                                    seeds=final.seeds, metric=final_metric,
+                                    resources=ResourcesConfig(cpu=resources.cpu, gpu=resources.gpu))
+        result = SearchResult(search_dir=search_dir, tracking_uri=uri, parent_run_id=parent.run_id, stages=outcomes,
+                              winner_model=winner_dir, final=repeated, final_images=final.num_samples * len(final.seeds),
+                              stage_run_ids=dict(state["stage_runs"]))
+        result.seconds = time.time() - started + state.get("seconds_before_resume", 0.0)
+        _publish_search(result, parent, cfg)
+        parent.finish()
+        return result
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        for run in reversed(open_runs):
+            run.set_tags({"ant_ray.failure": f"{type(err).__name__}: {err}"[:500]})
+            run.finish(status)
+        state["seconds_before_resume"] = state.get("seconds_before_resume", 0.0) + time.time() - started
+        _save_state(search_dir, state)
+        log(f"search stopped ({type(err).__name__}); continue it with: ant-ray search --resume {search_dir}")
+        raise
+
+
+def _merge(cfg: PipelineConfig, setup: StageSetup, deme: StageOutcome | None) -> StageOutcome:
+    settings = cfg.search.merge
+    if deme is not None:
+        base, task_vectors = Path(deme.winner["base_model"]), [Path(p) for p in deme.winner["task_vectors"]]
+    else:
+        base, task_vectors = Path(settings.base_model), [Path(p) for p in settings.task_vectors]
+    plan = MergePlan(fidelities=settings.fidelities, num_candidates=settings.num_candidates,
+                     reduction_factor=settings.reduction_factor, searcher=settings.searcher,
+                     max_concurrent=settings.max_concurrent, cpu=settings.resources.cpu, gpu=settings.resources.gpu)
+    return run_merge_stage(setup, base_model=base, task_vectors=task_vectors, plan=plan, merge=cfg.merge_search)
+
+
+def _save_winner(cfg: PipelineConfig, outcomes: dict[str, StageOutcome], search_dir: Path) -> Path:
+    """The final model in diffusers format: the merged model of the last merging stage, else the ant winner."""
+    target = search_dir / "winner" / "model"
+    last = outcomes[cfg.search.stages()[-1]]
+    if last.stage == "ant":
+        model = load_model(last.winner["model"])
+    else:
+        model = load_model(last.winner["base_model"])
+        base_state = model.state_dict()
+        task_vectors = [load_task_vector(p)[0] for p in last.winner["task_vectors"]]
+        options = cfg.merge_search.merge_options() if last.stage == "merge" else {}
+        model.load_state_dict(TaskVectorMerger.from_task_vectors(base_state, task_vectors, **options)
+                              .merge(last.winner["weights"]))
+    if target.exists():
+        shutil.rmtree(target)
+    return save_model(model, target)
+
+
+# ------------------------------------------------------------------------------------------------ MLflow
+
+
+def _publish_stage(outcome: StageOutcome, run: TrackedRun, search_dir: Path, cfg: PipelineConfig) -> None:
+    """The stage's run: best score, fates, images, the trials table, Optuna's figures, the merge landscape."""
+    run.log_metrics({f"best_{outcome.metric}": outcome.best_score, "trials_finished": outcome.finished,
+                     "trials_stopped_early": outcome.stopped_early, "trials_diverged": outcome.diverged,
+                     "trials_failed": outcome.failed, "images_generated": outcome.images_generated,
+                     "seconds": outcome.seconds})
+    run.log_params({f"best.{k}": v for k, v in outcome.best_params.items()})
+    run.set_tags({"ant_ray.best_metric": outcome.metric})
+    table = outcome.trials()
+    run.log_artifact(outcome.trials_csv, "trials")
+    run.log_table(table, "trials/trials.json")
+    figures_dir = search_dir / outcome.stage / "figures"
+    for figure in study_figures(search_dir / "optuna.journal", f"{search_dir.name}-{outcome.stage}", figures_dir,
+                                outcome.metric if outcome.stage != "merge" else table["metric"].iloc[0]) \
+            if (search_dir / "optuna.journal").is_file() and _has_study(search_dir, outcome.stage) else []:
+        run.log_artifact(figure, "figures")
+    if outcome.stage == "merge":
+        columns = [c for c in table.columns if c.startswith("w") or ".w" in c]
+        path = merge_landscape(table, columns, outcome.best_params, figures_dir / "merge_landscape.png")
+        run.log_artifact(path, "figures")
+
+
+def _has_study(search_dir: Path, stage: str) -> bool:
+    import optuna
+
+    from ant_ray.search.searchers import journal_storage
+
+    names = {s.study_name for s in optuna.get_all_study_summaries(journal_storage(search_dir / "optuna.journal"))}
+    return f"{search_dir.name}-{stage}" in names
+
+
+def _publish_search(result: SearchResult, parent: TrackedRun, cfg: PipelineConfig) -> None:
+    metrics = {f"{name}_best_{o.metric}": o.best_score for name, o in result.stages.items()}
+    if result.final is not None:
+        metrics[f"final_{result.final.metric}_mean"] = result.final.mean
+        if result.final.half_width is not None:
+            metrics[f"final_{result.final.metric}_ci95"] = result.final.half_width
+    metrics.update({"images_generated": result.images_generated, "seconds": result.seconds})
+    parent.log_metrics(metrics)
+    parent.set_tags({"ant_ray.winner_model": str(result.winner_model)})
+    trials = result.trials
+    trials_csv = result.search_dir / "trials.csv"
+    trials.to_csv(trials_csv, index=False)
+    parent.log_artifact(trials_csv)
+    parent.log_table(trials, "trials.json")
+    scorer = FIDScorer(cfg, cfg.output_path() / "cache" / "fid")
+    grid = scorer.sample(model_denoiser(load_model(result.winner_model).to(scorer.device).eval()), 64, cfg.seed)
+    parent.log_artifact(save_image_grid(grid, result.search_dir / "winner" / "samples.png"))
+    parent.log_text(result.search_dir / "summary.txt", result.table())

@@ -1,0 +1,186 @@
+"""The merge stage: DeMe's merge weights (Eq. 8) by successive halving over the FID sample count.
+
+Rung 0 scores `num_candidates` weight vectors at the lowest fidelity: first the anchors (task arithmetic, each
+specialist alone, the uniform mean), then what the searcher proposes (Optuna TPE / CMA-ES / random, seeded), or
+DeMe's coarse-then-fine grid. Each later rung re-scores the best 1/eta of the rung below at the next fidelity,
+continuing every candidate's sample stream (so reaching 5K samples costs 5K images, not 1K + 2.5K + 5K). A
+candidate is only ever ranked against scores at the same sample count (`fidelity.Ladder`), and the searcher only
+sees rung-0 scores under rung 0's own metric name.
+
+Each rung is one Tune run, restored on resume; a finished rung is kept in `rung_<r>.json`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+from ray import tune
+
+from ant_ray.config import MergeSearchConfig, SearcherConfig
+from ant_ray.evaluation import metric_name
+from ant_ray.merge import anchor_weights, load_task_vector
+from ant_ray.search.callbacks import TrialStatusPrinter
+from ant_ray.search.fidelity import Ladder, rung_sizes
+from ant_ray.search.outcome import SearchStageFailed, StageOutcome
+from ant_ray.search.searchers import build_optuna_search
+from ant_ray.search.space import grid_param_space, trial_values
+from ant_ray.search.trials import MergeContext, merge_trial, weights_from_params
+from ant_ray.search.tune_runs import StageSetup, run_tune
+
+
+@dataclass
+class MergePlan:
+    """How to search: the fidelities (samples per FID, increasing), candidates at rung 0, eta, the searcher."""
+    fidelities: list[int]
+    num_candidates: int
+    reduction_factor: float
+    searcher: SearcherConfig
+    max_concurrent: int
+    cpu: float
+    gpu: float
+
+
+def parameter_names(n: int, groups: list[str] | None) -> list[str]:
+    if groups is None:
+        return [f"w{i}" for i in range(n)]
+    return [f"{g}.w{i}" for g in groups for i in range(n)]
+
+
+def anchor_points(n: int, groups: list[str] | None, low: float, high: float) -> list[dict[str, float]]:
+    """The anchors as parameter dicts (with layer groups, every group gets the same anchor weights)."""
+    names = parameter_names(n, groups)
+    return [dict(zip(names, weights * (len(groups) if groups else 1))) for weights in anchor_weights(n, low, high)]
+
+
+def grid_axis(low: float, high: float, step: float) -> list[float]:
+    count = int(math.floor((high - low) / step + 1e-9)) + 1
+    return [round(low + i * step, 10) for i in range(count)]
+
+
+def check_task_vectors(paths: list[Path], base_fingerprint: str) -> None:
+    """Task vectors must come from the base they are merged into (the fingerprint in their metadata)."""
+    for path in paths:
+        _, meta = load_task_vector(path)
+        if meta.get("base_fingerprint") != base_fingerprint:
+            raise ValueError(f"{path} was computed against another base model (fingerprint "
+                             f"{meta.get('base_fingerprint', 'missing')[:12]}..., expected {base_fingerprint[:12]}...); "
+                             "merge task vectors of one base only")
+
+
+def run_merge_stage(setup: StageSetup, *, base_model: Path, task_vectors: list[Path], plan: MergePlan,
+                    merge: MergeSearchConfig) -> StageOutcome:
+    started = time.time()
+    cfg = setup.cfg
+    stage_dir = setup.search_dir / "merge"
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    groups = list(merge.layer_groups) if merge.layer_groups else None
+    names = parameter_names(len(task_vectors), groups)
+    stream_batch = math.gcd(cfg.fid.batch_size, *plan.fidelities)
+    context = MergeContext(
+        cfg_dump=cfg.worker_dump(), base_model=str(base_model),
+        task_vectors=tuple(str(p) for p in task_vectors), stage_dir=str(stage_dir), tracking_uri=setup.tracking_uri,
+        experiment_id=setup.experiment_id, stage_run_id=setup.stage_run.run_id,
+        cache_dir=str(cfg.output_path() / "cache" / "fid"), stream_batch=stream_batch, param_names=tuple(names),
+        groups=tuple(groups) if groups else None, merge_options=merge.merge_options())
+    ladder = Ladder(plan.fidelities)
+    params_of: dict[str, dict[str, float]] = {}
+    rows: list[dict[str, Any]] = []
+    images = 0
+    sizes = rung_sizes(plan.num_candidates, len(plan.fidelities), plan.reduction_factor)
+    setup.log(f"merge stage: {len(task_vectors)} task vectors, candidates per rung {sizes} at "
+              f"{plan.fidelities} samples ({plan.searcher.name} searcher, anchors first)")
+
+    for rung, fidelity in enumerate(plan.fidelities):
+        saved = stage_dir / f"rung_{rung}.json"
+        metric = metric_name(cfg, fidelity)
+        if saved.is_file():  # finished before an interruption
+            done = json.loads(saved.read_text())
+        else:
+            if rung == 0:
+                results = _first_rung(setup, context, plan, merge, names, fidelity, metric, stage_dir, groups)
+            else:
+                promoted = ladder.promote(rung - 1, sizes[rung])
+                results = _run_rung(setup, context, plan, stage_dir, f"rung{rung}", rung, fidelity, metric,
+                                    grid_param_space([params_of[c] for c in promoted]))
+            done = {"fidelity": fidelity, "metric": metric, "trials": results}
+            saved.write_text(json.dumps(done))
+        for trial in done["trials"]:
+            key = trial["candidate"]
+            params_of[key] = trial["params"]
+            ladder.record(rung, key, fidelity, trial["fid"])
+            images += trial["images"]
+            rows.append({"candidate": key, "rung": rung, "samples": fidelity, **trial["params"],
+                         "fid": trial["fid"], "metric": metric})
+        setup.log(f"merge rung {rung}: {len(done['trials'])} candidates at {fidelity} samples, best {metric} "
+                  f"{min(t['fid'] for t in done['trials']):.3f}")
+
+    winner, fidelity, score = ladder.best()
+    table = pd.DataFrame(rows)
+    csv = stage_dir / "trials.csv"
+    table.to_csv(csv, index=False)
+    weights = weights_from_params(params_of[winner], tuple(names), tuple(groups) if groups else None)
+    return StageOutcome(stage="merge", metric=metric_name(cfg, fidelity), best_params=params_of[winner],
+                        best_score=score, winner={"weights": weights, "candidate": winner,
+                                                  "base_model": str(base_model),
+                                                  "task_vectors": [str(p) for p in task_vectors]},
+                        run_id=setup.stage_run.run_id, finished=len(rows), images_generated=images,
+                        seconds=time.time() - started, trials_csv=str(csv),
+                        extra={"rung_sizes": [len(r.scores) for r in ladder.rungs], "fidelities": plan.fidelities})
+
+
+def _first_rung(setup, context, plan, merge, names, fidelity, metric, stage_dir, groups) -> list[dict]:
+    n = len(context.task_vectors)
+    if plan.searcher.name == "grid":
+        # DeMe Sec. 8: a coarse grid, then a finer grid within one coarse step of the coarse optimum.
+        axis = grid_axis(merge.weight_low, merge.weight_high, merge.grid_step)
+        coarse = _run_rung(setup, context, plan, stage_dir, "rung0-coarse", 0, fidelity, metric,
+                           {p: tune.grid_search(axis) for p in names})
+        best = min(coarse, key=lambda t: t["fid"])["params"]
+        axes = [grid_axis(max(merge.weight_low, best[p] - merge.grid_step),
+                          min(merge.weight_high, best[p] + merge.grid_step), merge.grid_fine_step) for p in names]
+        scored = [t["params"] for t in coarse]
+        fine = [point for values in itertools.product(*axes) if (point := dict(zip(names, values))) not in scored]
+        return coarse + (_run_rung(setup, context, plan, stage_dir, "rung0-fine", 0, fidelity, metric,
+                                   grid_param_space(fine)) if fine else [])
+    space = {p: optuna.distributions.FloatDistribution(merge.weight_low, merge.weight_high) for p in names}
+    seed = plan.searcher.seed if plan.searcher.seed is not None else setup.cfg.seed
+    searcher = build_optuna_search(plan.searcher, space=space, metric=metric, seed=seed,
+                                   points_to_evaluate=anchor_points(n, groups, merge.weight_low, merge.weight_high),
+                                   storage_path=setup.search_dir / "optuna.journal",
+                                   study_name=f"{setup.study_name}-merge", final_step=fidelity, step_key="samples")
+    return _run_rung(setup, context, plan, stage_dir, "rung0", 0, fidelity, metric, None, searcher=searcher,
+                     num_samples=plan.num_candidates)
+
+
+def _run_rung(setup: StageSetup, context: MergeContext, plan: MergePlan, stage_dir: Path, name: str, rung: int,
+              fidelity: int, metric: str, param_space: dict | None, *, searcher=None,
+              num_samples: int = 1) -> list[dict]:
+    trainable = tune.with_resources(
+        tune.with_parameters(merge_trial, context=context, fidelity=fidelity, rung=rung, metric=metric),
+        {"cpu": plan.cpu, "gpu": plan.gpu})
+    results = run_tune(
+        trainable, name=name, storage=stage_dir / "tune", resume=setup.resume, param_space=param_space,
+        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples,
+                                    max_concurrent_trials=plan.max_concurrent, reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=str(stage_dir / "tune"), verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=1),
+                                  callbacks=[TrialStatusPrinter(f"merge {name}", metric, fidelity, setup.log,
+                                                                step_key="samples")]))
+    trials = []
+    for result in results:
+        if result.error is not None or not result.metrics or metric not in result.metrics:
+            continue
+        params = {p: float(v) for p, v in trial_values(result.config).items() if p in context.param_names}
+        trials.append({"candidate": result.metrics["candidate"], "params": params, "fid": result.metrics[metric],
+                       "images": int(result.metrics["images"]), "trial_id": result.metrics.get("trial_id")})
+    if not trials:
+        raise SearchStageFailed(f"every merge candidate of {name} failed; see {stage_dir / 'tune' / name}")
+    return trials

@@ -1,0 +1,44 @@
+"""What every stage of a search shares: where it runs and logs (`StageSetup`), and running or restoring one Tune
+experiment (`run_tune`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from ray import tune
+
+from ant_ray.config import PipelineConfig
+from ant_ray.tracking import TrackedRun
+
+
+def log_line(message: str) -> None:
+    """How the search reports progress: one timestamped line (a module function, so Tune can pickle callbacks)."""
+    print(f"[ant_ray {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+@dataclass
+class StageSetup:
+    """Where a stage runs and logs."""
+    cfg: PipelineConfig
+    search_dir: Path
+    tracking_uri: str
+    experiment_id: str
+    stage_run: TrackedRun
+    study_name: str
+    resume: bool
+    log: Callable[[str], None] = log_line
+
+
+def run_tune(trainable, *, name: str, storage: Path, resume: bool, param_space: dict | None,
+             tune_config: tune.TuneConfig, run_config: tune.RunConfig) -> tune.ResultGrid:
+    """Run a Tune experiment, or continue it (finished trials kept, unfinished ones resumed) if it was started."""
+    path = storage / name
+    if resume and tune.Tuner.can_restore(str(path)):
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False,
+                                   restart_errored=False)
+    else:
+        tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
+    return tuner.fit()

@@ -1,0 +1,62 @@
+"""What the terminal shows: ant_ray's own progress lines, not Ray's internals.
+
+Ray forwards every worker's output to the driver with a "(RayTrainWorker pid=...)" prefix, including Ray Train's
+report and checkpoint lines, a PreemptionWatcher error on every run start, worker-count warnings and the dedup
+notice. By default the driver keeps the lines ant_ray writes itself (shown without the prefix) and whatever is
+not known noise (errors stay visible); `ant-ray --verbose` (ANT_RAY_VERBOSE=1) shows everything as Ray prints it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+# Lines Ray prints that say nothing a user of ant_ray needs (all still in Ray's log files).
+RAY_NOISE = (
+    "Reporting training result", "Checkpoint successfully created", "Setting up process group",
+    "Started training worker group", "world_rank=", "Attempting to start training worker group",
+    "Requesting resources", "PreemptionWatcher", "PYTHON worker processes have been started",
+    "Ray deduplicates logs", "Failed to send resource request", "repeated", "has constructor arguments",
+    "UserWarning: The reported value is ignored", "optuna_warn(", "Creating initial MLflow database tables",
+    "Updating database tables",
+)
+OWN_PREFIX = "["  # ant_ray's lines start with "[ant_ray ...]" or "[<run name>] ..."
+
+
+def verbose() -> bool:
+    return os.environ.get("ANT_RAY_VERBOSE", "0") == "1"
+
+
+def quiet_driver_logs() -> None:
+    """Python loggers of the libraries the driver uses: warnings and errors only, and Tune's own progress tables
+    off (ant_ray prints a compact status instead), unless verbose."""
+    if verbose():
+        return
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0
+    for name in ("mlflow", "optuna", "ray.tune", "ray.train", "ray.air", "ray.data", "alembic"):
+        logging.getLogger(name).setLevel(logging.ERROR if name.startswith("ray.tune") else logging.WARNING)
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def install_worker_log_filter() -> None:
+    """Replace Ray's printer of forwarded worker output with one that drops Ray's noise (after ray.init)."""
+    if verbose():
+        return
+    from ray._private import worker
+
+    def print_filtered(data: dict) -> None:
+        lines = [line for line in data.get("lines", []) if not any(noise in line for noise in RAY_NOISE)]
+        own = [line for line in lines if line.startswith(OWN_PREFIX)]
+        other = [line for line in lines if not line.startswith(OWN_PREFIX)]
+        if own:  # not deduplicated: concurrent runs print similar lines, and each is wanted
+            worker.print_worker_logs({**data, "lines": own}, sys.stderr if data.get("is_err") else sys.stdout,
+                                     ignore_prefix=True)
+        if other:
+            worker.print_to_stdstream({**data, "lines": other}, ignore_prefix=False)
+
+    dispatcher = worker.global_worker_stdstream_dispatcher
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ant_ray_print_logs", print_filtered)

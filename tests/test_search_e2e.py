@@ -1,0 +1,123 @@
+"""A tiny chained search through all three stages on real local Ray, real MLflow (SQLite), Optuna and FID:
+ant (a 2-point grid whose second point trains too slowly, so ASHA stops it) -> deme (TPE, ranges from the ant
+winner's intervals) -> merge (successive halving over 50 -> 100 samples, anchors first) -> final score."""
+
+import math
+
+import optuna
+import pytest
+import ray
+from mlflow.tracking import MlflowClient
+
+from ant_ray.config import load_config
+from ant_ray.diffusion import load_model
+from ant_ray.search.chain import run_search
+from ant_ray.search.searchers import journal_storage
+
+TINY_SEARCH = [
+    "ray.num_cpus=4", "fid.batch_size=50", "sampler.steps=4",
+    # ant: 2 grid points, one after the other. lr 1e-7 leaves the model at its initialisation; 30 steps at lr 0.003
+    # make this tiny model's samples worse than that (FID 545 against 388), so ASHA stops the second trial at step 30
+    "ant.steps=60", "ant.batch_size=64", "ant.log_every=30", "ant.checkpoint_every=30", "ant.k=2",
+    "ant.ema_decay=0.5", "search.ant.space={ant.lr: {type: categorical, choices: [1.0e-7, 0.003]}}",
+    "search.ant.max_concurrent=1", "search.ant.eval_every=30", "search.ant.scheduler.grace_period=30",
+    "search.ant.num_samples=100",
+    # deme: 2 TPE trials side by side, N = the ant winner's k = 2 specialists each
+    "finetune.steps=10", "finetune.batch_size=32", "finetune.log_every=5", "finetune.checkpoint_every=10",
+    "finetune.resources={cpu: 0.5, num_workers: 1}", "search.deme.num_trials=2", "search.deme.max_concurrent=2",
+    "search.deme.num_samples=50",
+    # merge: 5 candidates at 50 samples (the 4 anchors first), the best 2 at 100
+    "search.merge.fidelities=[50, 100]", "search.merge.num_candidates=5",
+    "search.final.num_samples=100", "search.final.seeds=[0, 1]",
+]
+
+
+@pytest.fixture(scope="module")
+def search(tmp_path_factory):
+    out = tmp_path_factory.mktemp("search")
+    cfg = load_config("search_spaces/quickstart.yaml", TINY_SEARCH + [f"output_dir={out}"])
+    try:
+        yield cfg, run_search(cfg)
+    finally:
+        ray.shutdown()
+
+
+def _runs(cfg, result):
+    client = MlflowClient(result.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=500)
+    by_stage = {}
+    for run in runs:
+        by_stage.setdefault(run.data.tags.get("ant_ray.stage"), []).append(run)
+    return client, runs, by_stage
+
+
+def test_result_names_every_stage(search):
+    cfg, result = search
+    assert list(result.stages) == ["ant", "deme", "merge"]
+    assert result.best["ant"] == {"ant.lr": 1e-7}
+    assert set(result.best["deme"]) == {"finetune.p"}
+    assert len(result.best["merge"]["weights"]) == 2  # the ant winner's k = 2 intervals -> 2 specialists
+    assert result.scores["ant"][0] == "fid100_domain" and result.scores["merge"][0] == "fid100_domain"
+    assert result.final.metric == "fid100_domain" and len(result.final.scores) == 2
+    assert result.final.half_width is not None and math.isfinite(result.final.mean)
+    assert load_model(result.winner_model).config.sample_size == 8  # saved in diffusers format
+    trials = result.trials
+    assert set(trials["stage"]) == {"ant", "deme", "merge"}
+    ant = trials[trials["stage"] == "ant"]
+    assert list(ant["fate"]) == ["finished", "stopped_early"]  # ASHA stopped the lr=0.003 trial at step 30
+    assert ant[ant["fate"] == "stopped_early"]["step"].item() == 30
+    table = result.table()
+    for text in ("ant", "1 stopped early", "weights", "final: fid100_domain", "winner model", "mlflow ui"):
+        assert text in table
+
+
+def test_mlflow_nests_search_stages_trials_and_train_runs(search):
+    cfg, result = search
+    client, runs, by_stage = _runs(cfg, result)
+    (parent,) = by_stage["search"]
+    assert parent.info.run_id == result.parent_run_id and parent.info.status == "FINISHED"
+    for stage in ("ant", "deme", "merge"):
+        (stage_run,) = by_stage[f"{stage}_search"]
+        assert stage_run.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        for trial in by_stage[f"{stage}_trial"]:
+            assert trial.data.tags["mlflow.parentRunId"] == stage_run.info.run_id
+    ant_trials = {r.info.run_id: r for r in by_stage["ant_trial"]}
+    assert len(ant_trials) == 2 and len(by_stage["deme_trial"]) == 2
+    stopped = [r for r in ant_trials.values() if r.data.tags.get("ant_ray.fate") == "stopped_early"]
+    assert len(stopped) == 1 and stopped[0].info.status == "KILLED"
+    for trial in ant_trials.values():
+        assert {"ant_ray.k", "ant_ray.method", "ant_ray.clustering", "ant_ray.fid_extractor",
+                "ant_ray.fidelity"} <= set(trial.data.tags)
+        assert "ant.lr" in trial.data.params
+        history = client.get_metric_history(trial.info.run_id, "fid100_domain")
+        assert [m.step for m in history][:1] == [30]  # FID at fixed steps
+    for train in by_stage["ant_train"]:  # a grandchild per Ray Train run
+        assert train.data.tags["mlflow.parentRunId"] in ant_trials
+    for deme in by_stage["deme_trial"]:
+        assert {"ant_ray.p", "ant_ray.num_specialists"} <= set(deme.data.tags)
+        specialists = [r for r in by_stage["finetune"] if r.data.tags["mlflow.parentRunId"] == deme.info.run_id]
+        assert len(specialists) == 2 and all("loss" in r.data.metrics for r in specialists)
+    promoted = [r for r in by_stage["merge_trial"] if "fid100_domain" in r.data.metrics]
+    assert len(by_stage["merge_trial"]) == 5 and len(promoted) == 2  # one run per candidate, a metric per fidelity
+    assert all("fid50_domain" in r.data.metrics for r in by_stage["merge_trial"])
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "trials.json", "samples.png", "summary.txt"} <= artifacts
+    (merge_run,) = by_stage["merge_search"]
+    figures = {a.path for a in client.list_artifacts(merge_run.info.run_id, "figures")}
+    assert {"figures/merge_landscape.png", "figures/optimization_history.png"} <= figures
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
+
+
+def test_merge_scores_the_anchors_first(search):
+    cfg, result = search
+    study = optuna.load_study(storage=journal_storage(result.search_dir / "optuna.journal"),
+                              study_name=f"{result.search_dir.name}-merge")
+    first = [[t.params["w0"], t.params["w1"]] for t in sorted(study.trials, key=lambda t: t.number)[:4]]
+    assert first == [[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]
+    # the searcher saw rung-0 scores only, under rung 0's metric
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) and len(study.trials) == 5
+    # the winner never loses to a specialist alone at the same fidelity
+    merge = result.trials[result.trials["stage"] == "merge"]
+    top = merge[merge["rung"] == merge["rung"].max()]
+    assert result.stages["merge"].best_score == top["fid"].min()

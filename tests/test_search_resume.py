@@ -1,0 +1,85 @@
+"""Kill the driver of a running search with SIGKILL, then resume it: the trial that had finished is not rerun, the
+same MLflow runs continue (one parent per search folder), the chained stage runs, and the private Ray the killed
+driver started leaves no process behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ray
+from mlflow.tracking import MlflowClient
+
+from ant_ray.config import load_config
+from ant_ray.search.chain import run_search
+from ant_ray.stages.ray_watchdog import alive, descendants, start_time
+
+SEARCH = [
+    "ray.num_cpus=4", "fid.batch_size=50", "sampler.steps=4", "search.merge=null",
+    "ant.steps=20", "ant.batch_size=32", "ant.log_every=10", "ant.checkpoint_every=10", "ant.k=2",
+    "search.ant.space={ant.lr: {type: categorical, choices: [0.003, 0.002]}}", "search.ant.max_concurrent=1",
+    "search.ant.eval_every=10", "search.ant.scheduler.name=fifo", "search.ant.num_samples=50",
+    "finetune.steps=10", "finetune.batch_size=32", "finetune.log_every=5", "finetune.checkpoint_every=10",
+    "search.deme.space={}", "search.deme.num_samples=50",
+    "search.final.num_samples=50", "search.final.seeds=[0]",
+]
+
+
+def _wait_for(predicate, what, proc, timeout=420):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = predicate()
+        if found:
+            return found
+        assert proc.poll() is None, f"the search exited ({proc.returncode}) before {what}"
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_resume_after_killing_the_driver(tmp_path):
+    out = tmp_path / "out"
+    log = open(tmp_path / "driver.log", "w")
+    command = [sys.executable, "-m", "ant_ray.cli", "search", "search_spaces/quickstart.yaml", "--output-dir",
+               str(out)] + [arg for o in SEARCH for arg in ("--set", o)]
+    proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            cwd=Path(__file__).resolve().parent.parent)
+    try:
+        finished = _wait_for(lambda: list(out.glob("searches/*/ant/trials/*/result.json")),
+                             "the first ant trial finished", proc)[0]
+        mtime = finished.stat().st_mtime_ns
+        ray_tree = {pid: start_time(pid) for pid in descendants({proc.pid}) - {proc.pid}}
+        assert ray_tree, "the driver started no Ray processes"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+
+    # Nothing of the killed driver's Ray is left once its watchdog has run.
+    deadline = time.time() + 30
+    while time.time() < deadline and any(alive(p) and start_time(p) == t for p, t in ray_tree.items()):
+        time.sleep(0.5)
+    left = [p for p, t in ray_tree.items() if alive(p) and start_time(p) == t]
+    assert not left, f"processes of the killed driver's Ray still run: {left}"
+
+    search_dir = finished.parents[3]
+    cfg = load_config(search_dir / "config.yaml")
+    try:
+        result = run_search(cfg, resume=search_dir)
+    finally:
+        ray.shutdown()
+    assert finished.stat().st_mtime_ns == mtime  # the finished trial was not trained or scored again
+    assert list(result.stages) == ["ant", "deme"] and result.search_dir == search_dir
+    assert sorted(result.trials[result.trials["stage"] == "ant"]["fate"]) == ["finished", "finished"]
+
+    client = MlflowClient(cfg.tracking_uri())
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([exp.experiment_id], max_results=200)
+    stages = [r.data.tags.get("ant_ray.stage") for r in runs]
+    assert stages.count("search") == 1 and stages.count("ant_search") == 1  # continued, not opened again
+    assert stages.count("ant_trial") == 2 and stages.count("deme_trial") == 1
+    assert all(r.info.status != "RUNNING" for r in runs)
+    parent = next(r for r in runs if r.data.tags.get("ant_ray.stage") == "search")
+    assert parent.info.status == "FINISHED" and parent.data.tags.get("ant_ray.resumed") == "True"

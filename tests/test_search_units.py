@@ -1,0 +1,204 @@
+"""The search's pieces without a cluster: the `search:` config, successive-halving bookkeeping, the fidelity-aware
+Optuna searcher, anchors, spaces and resumable FID streams."""
+
+import math
+
+import numpy as np
+import optuna
+import pytest
+import torch
+
+from ant_ray.cli import main as cli_main
+from ant_ray.config import ConfigError, load_config
+from ant_ray.fid import StreamingFeatureStats, extend_feature_stream
+from ant_ray.merge import anchor_weights
+from ant_ray.search.fidelity import Ladder, rung_sizes
+from ant_ray.search.merge_stage import anchor_points, parameter_names
+from ant_ray.search.searchers import FidelityAwareOptunaSearch
+from ant_ray.search.space import grid_points, optuna_space
+
+ANT_K = "search.ant.space.ant.k={type: int, low: 2, high: 4}"
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["search.ant.space.ant.k={type: int, low: 0, high: 4}"], "search.ant.space[ant.k]"),
+    (["search.ant.space.ant.kk={type: int, low: 1, high: 4}"], "search.ant.space[ant.kk]"),
+    (["search.ant.space.finetune.p={type: float, low: 0, high: 1}"], "search.ant.space[finetune.p]"),
+    (["search.ant.space.ant.method={type: categorical, choices: [uw, nope]}"], "search.ant.space[ant.method]"),
+    (["search.ant.space.ant.k={type: integer, low: 1, high: 4}"], "search.ant.space[ant.k]"),
+    (["search.ant.space.ant.lr={type: float, low: 0, high: 1, log: true}"], "search.ant.space[ant.lr]"),
+    (["search.ant.space.ant.affinity.buckets={type: int, low: 2, high: 9}"], "search.ant.space[ant.affinity.buckets]"),
+    ([ANT_K, "search.ant.scheduler.name=asha"], "search.ant"),
+    ([ANT_K, "search.ant.eval_every=300"], "search.ant.eval_every"),
+    ([ANT_K, "search.ant.searcher.name=grid", "search.ant.num_trials=5"], "search.ant"),
+    ([ANT_K, "search.ant.searcher.name=cmaes",
+      "search.ant.space.ant.method={type: categorical, choices: [uw]}"], "search.ant"),
+    (["search.ant.num_trials=0"], "search.ant.num_trials"),
+    (["search.deme.ranges=ant"], "search.deme.ranges"),
+    (["search.merge.fidelities=[1000, 500]"], "search.merge"),
+    (["search.merge.num_candidates=4"], "search.merge.task_vectors"),
+    (["search.merge.task_vectors=[a.safetensors]"], "search.merge"),
+    (["search={}"], "search"),
+    (["search.bogus.x=1"], "search.bogus"),
+])
+def test_bad_search_sections_name_the_field(overrides, field):
+    with pytest.raises(ConfigError) as err:
+        load_config("search_spaces/quickstart.yaml", ["search=null"] + overrides)
+    assert field in str(err.value)
+
+
+def test_space_overrides_reach_dotted_keys():
+    cfg = load_config("search_spaces/quickstart.yaml", [ANT_K, "search.ant.space.ant.k.high=6",
+                                                       "search.ant.space.ant.weighting.name="
+                                                       "{type: categorical, choices: [uniform, min-snr]}"])
+    assert cfg.search.ant.space["ant.k"].high == 6
+    assert cfg.search.ant.space["ant.weighting.name"].choices == ["uniform", "min-snr"]
+
+
+def test_bad_search_fails_before_anything_starts(tmp_path, capsys):
+    code = cli_main(["search", "search_spaces/quickstart.yaml", "--output-dir", str(tmp_path),
+                     "--set", "search.ant.space.ant.k={type: int, low: 0, high: 3}"])
+    assert code == 2
+    assert "search.ant.space[ant.k]" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # no store, no search folder, Ray never started
+
+
+def test_shipped_search_configs_validate():
+    from pathlib import Path
+
+    shipped = sorted(Path("search_spaces").glob("*.yaml"))
+    assert len(shipped) >= 10
+    for path in shipped:
+        load_config(path)
+
+
+# ------------------------------------------------------------------------------------------------ fidelity
+
+
+def test_rung_sizes():
+    assert rung_sizes(16, 3, 3) == [16, 6, 2]
+    assert rung_sizes(8, 3, 3) == [8, 3, 1]
+    assert rung_sizes(2, 4, 3) == [2, 1, 1, 1]
+
+
+def test_ladder_never_ranks_across_fidelities():
+    ladder = Ladder([1000, 2500, 5000])
+    for name, fid in {"a": 40.0, "b": 30.0, "c": 35.0, "d": 50.0}.items():
+        ladder.record(0, name, 1000, fid)
+    with pytest.raises(ValueError, match="at 1000 samples"):
+        ladder.record(0, "e", 5000, 1.0)  # a 5K score cannot enter the 1K rung
+    with pytest.raises(ValueError, match="not scored at rung 0"):
+        ladder.record(1, "e", 2500, 1.0)  # nor skip a rung
+    assert ladder.promote(0, 2) == ["b", "c"]
+    ladder.record(1, "b", 2500, 33.0)
+    ladder.record(1, "c", 2500, 31.0)
+    # rung 1 is ranked by its own scores: c now beats b, and a's lower-fidelity 40 plays no part
+    assert ladder.promote(1, 1) == ["c"]
+    # the winner is the best of the highest rung reached, even though b scored a lower number at 1K
+    assert ladder.best() == ("c", 2500, 31.0)
+    ladder.record(2, "c", 5000, 32.5)
+    assert ladder.best() == ("c", 5000, 32.5)
+
+
+def test_ladder_ranks_diverged_last_and_keeps_first_on_ties():
+    ladder = Ladder([100])
+    for name, fid in [("anchor", 10.0), ("nan", math.inf), ("later", 10.0), ("worse", 12.0)]:
+        ladder.record(0, name, 100, fid)
+    assert ladder.promote(0, 4) == ["anchor", "later", "worse", "nan"]
+
+
+# ------------------------------------------------------------------------------------------------ anchors
+
+
+def test_anchor_weights():
+    assert anchor_weights(2, 0.0, 1.5) == [[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]]
+    assert anchor_weights(1, 0.0, 1.5) == [[1.0]]  # all three coincide for one task vector
+    assert anchor_weights(3, 0.2, 1.5) == [[1.0, 1.0, 1.0], [1 / 3] * 3]  # one-hots fall outside [0.2, 1.5]
+    points = anchor_points(2, ["down", "up"], 0.0, 1.5)
+    assert points[1] == {"down.w0": 1.0, "down.w1": 0.0, "up.w0": 1.0, "up.w1": 0.0}
+    assert parameter_names(2, None) == ["w0", "w1"]
+
+
+# ------------------------------------------------------------------------------------------------ the searcher
+
+
+def _searcher(final_step=100):
+    space = {"x": optuna.distributions.FloatDistribution(0, 1)}
+    return FidelityAwareOptunaSearch(space=space, metric="fid", mode="min", final_step=final_step,
+                                     sampler=optuna.samplers.RandomSampler(seed=0))
+
+
+def test_searcher_is_told_the_fidelity_of_every_score():
+    searcher = _searcher()
+    for trial_id in ("finished", "stopped", "diverged", "crashed"):
+        searcher.suggest(trial_id)
+    for trial_id in ("finished", "stopped"):
+        searcher.on_trial_result(trial_id, {"fid": 50.0, "step": 50})
+    searcher.on_trial_result("finished", {"fid": 40.0, "step": 100})
+    searcher.on_trial_complete("finished", {"fid": 40.0, "step": 100})
+    searcher.on_trial_complete("stopped", {"fid": 50.0, "step": 50})  # ASHA stopped it at step 50
+    searcher.on_trial_complete("diverged", {"fid": math.inf, "step": 0, "diverged": 1})
+    searcher.on_trial_complete("crashed", None, error=True)
+    trials = {t.user_attrs["tune_trial_id"]: t for t in searcher._ot_study.trials}
+    assert trials["finished"].state == optuna.trial.TrialState.COMPLETE and trials["finished"].value == 40.0
+    assert trials["finished"].intermediate_values == {50: 50.0, 100: 40.0}
+    # never COMPLETE with a low-fidelity score: pruned, its step-50 score kept as what it is
+    assert trials["stopped"].state == optuna.trial.TrialState.PRUNED
+    assert trials["stopped"].intermediate_values == {50: 50.0}
+    assert trials["diverged"].state == optuna.trial.TrialState.COMPLETE and trials["diverged"].value == math.inf
+    assert trials["crashed"].state == optuna.trial.TrialState.FAIL
+
+
+def test_searcher_finds_a_trial_its_pickle_forgot():
+    searcher = _searcher()
+    searcher.suggest("t1")
+    searcher._ot_trials.clear()  # as after a restore from a searcher checkpoint older than the trial
+    searcher.on_trial_result("t1", {"fid": 3.0, "step": 100})
+    searcher.on_trial_complete("t1", {"fid": 3.0, "step": 100})
+    (trial,) = searcher._ot_study.trials
+    assert trial.state == optuna.trial.TrialState.COMPLETE and trial.value == 3.0
+
+
+# ------------------------------------------------------------------------------------------------ spaces
+
+
+def test_spaces():
+    cfg = load_config("search_spaces/quickstart.yaml")
+    space = cfg.search.ant.space
+    assert grid_points(space) == [{"ant.k": 2, "ant.method": "uw"}, {"ant.k": 2, "ant.method": "nash_mtl"},
+                                  {"ant.k": 3, "ant.method": "uw"}, {"ant.k": 3, "ant.method": "nash_mtl"}]
+    dists = optuna_space(space)
+    assert dists["ant.k"] == optuna.distributions.IntDistribution(2, 3)
+    assert dists["ant.method"] == optuna.distributions.CategoricalDistribution(["uw", "nash_mtl"])
+
+
+# ------------------------------------------------------------------------------------------------ FID streams
+
+
+class _Features:
+    name, feature_dim = "toy", 3
+
+    def features(self, images):
+        return images.flatten(1)[:, :3].double().numpy()
+
+
+def _sampler(size, seed):
+    return torch.randn(size, 1, 2, 2, generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_continued_stream_equals_a_fresh_one(tmp_path):
+    fresh = extend_feature_stream(_sampler, None, 250, 50, _Features(), seed=7)
+    first = extend_feature_stream(_sampler, None, 100, 50, _Features(), seed=7)
+    first.save(tmp_path / "s.npz")
+    continued = extend_feature_stream(_sampler, StreamingFeatureStats.load(tmp_path / "s.npz"), 250, 50,
+                                      _Features(), seed=7)
+    assert continued.n == fresh.n == 250
+    a, b = continued.to_stats(), fresh.to_stats()
+    np.testing.assert_allclose(a.mu, b.mu, rtol=1e-12)
+    np.testing.assert_allclose(a.sigma, b.sigma, rtol=1e-10)
+    with pytest.raises(ValueError, match="whole batch"):
+        extend_feature_stream(_sampler, extend_feature_stream(_sampler, None, 30, 30, _Features(), 7), 100, 50,
+                              _Features(), 7)
