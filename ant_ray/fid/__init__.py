@@ -12,7 +12,12 @@ from ant_ray.fid.extractors import (
     dataset_fingerprint,
     ensure_inception_weights,
 )
-from ant_ray.fid.frechet import FeatureStats, StreamingFeatureStats, frechet_distance
+from ant_ray.fid.frechet import (
+    FeatureStats,
+    StreamingFeatureStats,
+    frechet_distance,
+    frechet_distance_torch,
+)
 from ant_ray.fid.score import batch_seed, fid_from_sampler, fid_metric_name, reference_stats, reference_stats_path
 
 __all__ = [
@@ -32,6 +37,7 @@ __all__ = [
     "fid_from_sampler",
     "fid_metric_name",
     "frechet_distance",
+    "frechet_distance_torch",
     "load_or_train_domain_classifier",
     "reference_stats",
     "reference_stats_path",
