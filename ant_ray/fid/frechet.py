@@ -3,8 +3,8 @@
 FID(mu1, S1, mu2, S2) = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2}).
 
 The last term is computed from symmetric eigendecompositions by default (``method="eigh"``): at Inception's
-2048 dimensions that is about 6x faster on a CPU than the matrix square root of S1 S2 that clean-fid takes, for
-the same value to round-off. ``method="sqrtm"`` keeps that textbook form for reference. Torch tensors (or a
+2048 dimensions that is 3-6x faster on a CPU than the matrix square root of S1 S2 that clean-fid takes
+(benchmarks/bench_frechet.py), for the same value to round-off. ``method="sqrtm"`` keeps that textbook form for reference. Torch tensors (or a
 ``device``) select the same eigendecomposition in torch, so features that live on a GPU are scored there.
 """
 
