@@ -6,21 +6,27 @@
 
 (run from the repository root, or with ant_ray installed). Not part of the test suite.
 
-Part 1, one process: the median time of one optimizer step (forward, backward, combine, clip, AdamW) of plain
-diffusion training ("vanilla") and of ``ClusteredStep`` with each MTL method at k clusters, with the ratio to
-vanilla. Loss-balancing methods and Nash-MTL between refreshes need one backward; gradient methods one forward and
-backward per cluster sub-batch. "pcgrad, naive" is the textbook alternative for comparison: one forward over the
-batch and k full backward passes (retain_graph). Nash-MTL runs ``update_every`` (default 25) consecutive steps so
-that one refresh is included, and its mean per step is printed. Also printed: one forward+backward at batch 1, the
-fixed cost that each of a gradient method's k sub-batch passes pays on top of its share of the batch.
+Part 1, one process: the time of one optimizer step (forward, backward, combine, clip, AdamW) of plain diffusion
+training ("vanilla") and of ``ClusteredStep`` with each MTL method at k clusters. Methods are timed round-robin:
+each of ``--repeats`` rounds runs one step of vanilla, then one of every method (their order rotating), so that
+background load falls on all of them alike. Printed per method: the median step time, the mean, and the median of
+the per-round ratios method / vanilla with its interquartile range. Loss-balancing methods and Nash-MTL between
+refreshes need one backward; gradient methods one forward and backward per cluster sub-batch. "pcgrad, naive" is
+the textbook alternative for comparison: one forward over the batch and k full backward passes (retain_graph).
+Nash-MTL re-solves its weights every ``update_every`` (default 25) steps: with it, the rounds are rounded up to a
+multiple of that, so its mean per step includes exactly one refresh per interval (its median is the step between
+refreshes). Also printed: one forward+backward at batch 1, the fixed cost that each of a gradient method's k
+sub-batch passes pays on top of its share of the batch.
 
 Part 2, Ray Train: images/s of ``train_ant`` (second half of a short run) with 1 and with 2 workers (1 CPU each,
 or 1 GPU each with --device cuda) and their ratio; 2 workers on the same global batch do the same work split in two.
+Each configuration is its own Ray Train run, so this part is block-timed, not round-robin.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import tempfile
@@ -34,29 +40,20 @@ from ant_ray.ant.clustering import interval_clustering
 from ant_ray.ant.train import ClusteredStep, cluster_counts, cluster_losses
 from ant_ray.diffusion import NoiseSchedule, build_model, build_weighting, diffusion_loss, model_denoiser
 from ant_ray.mtl import MTL_METHODS, build_mtl_method, flat_grad, write_flat_grad
+from benchmarks.round_robin import ratio_quartiles, time_round_robin
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_steps(step_fn, steps: int, device: torch.device) -> list[float]:
-    seconds = []
-    for step in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step_fn(step)
-        synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
+NAIVE_PCGRAD = "pcgrad, naive (k full backward)"
+WARMUP_ROUNDS = 2
+# Timed steps are numbered from here: Nash-MTL, which refreshed at warm-up step 0, refreshes again on the first
+# timed step and then every update_every steps.
+FIRST_TIMED_STEP = 100
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds (each: one step of every method)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", default="tiny", help="a model preset (tiny, small, ddpm-cifar10)")
     parser.add_argument("--resolution", type=int, default=8)
@@ -69,6 +66,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    methods = args.methods.split(",") if args.methods else [*MTL_METHODS.names(), "naive"]
+    for name in methods:
+        if name != "naive":
+            MTL_METHODS.get(name)  # an unknown name fails here, listing the choices
 
     T = 1000
     intervals = interval_clustering(args.k, "timestep", T=T)
@@ -92,32 +93,10 @@ def main() -> None:
     print(f"{args.model} UNet ({params_count / 1e6:.2f}M parameters) at {args.resolution}px, batch {args.batch}, "
           f"k={args.k}, {device}, {args.threads} thread(s); per-cluster counts {counts.tolist()}\n")
 
-    # vanilla: the plain diffusion step
-    model = fresh_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def vanilla(step: int) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model_denoiser(model), x0, t, noise).mean().backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-
-    # Vanilla is timed before and after the methods and the faster median is the baseline: a first measurement on
-    # a cold process runs slow, which would flatter every ratio.
-    timed_steps(vanilla, 5, device)
-    vanilla_first = statistics.median(timed_steps(vanilla, args.repeats, device))
-
-    def one_pass(step: int) -> None:  # the fixed cost of a forward+backward pass, whatever the batch
-        loss_fn(model_denoiser(model), x0[:1], t[:1], noise[:1]).sum().backward()
-
-    timed_steps(one_pass, 2, device)
-    per_pass = statistics.median(timed_steps(one_pass, args.repeats, device))
-
-    rows = []
-    methods = args.methods.split(",") if args.methods else [*MTL_METHODS.names(), "naive"]
-    for name in methods:
-        if name != "naive":
-            MTL_METHODS.get(name)  # an unknown name fails here, listing the choices
+    # Every candidate has its own model and optimizer: fn(step) runs one optimizer step.
+    vanilla_model = fresh_model()
+    candidates = {"vanilla": vanilla_step(vanilla_model, loss_fn, x0, t, noise)}
+    refresh_interval = 1
     for name in (m for m in methods if m != "naive"):
         model = fresh_model()
         method = build_mtl_method(name, args.k).to(device)
@@ -127,29 +106,59 @@ def main() -> None:
                                 scaler=torch.amp.GradScaler(device.type, enabled=False), schedule=schedule,
                                 loss_fn=loss_fn, intervals=intervals, micro_batch=args.batch, grad_clip=1.0,
                                 world_size=1, autocast_dtype=None)
-        steps = max(args.repeats, getattr(method, "update_every", 0))
-        timed_steps(lambda s: step_fn(x0, t, noise, counts, s), 2, device)
-        seconds = timed_steps(lambda s: step_fn(x0, t, noise, counts, 100 + s), steps, device)
-        rows.append((name, statistics.median(seconds), statistics.mean(seconds)))
-
+        candidates[name] = lambda step, step_fn=step_fn: step_fn(x0, t, noise, counts, step)
+        refresh_interval = max(refresh_interval, getattr(method, "update_every", 1))
     if "naive" in methods:
-        rows.append(naive_pcgrad(args, fresh_model, loss_fn, x0, t, noise, lookup, params_count, device))
-    model = fresh_model()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    timed_steps(vanilla, 2, device)
-    base = min(vanilla_first, statistics.median(timed_steps(vanilla, args.repeats, device)))
-    rows.insert(0, ("vanilla", base, base))
+        candidates[NAIVE_PCGRAD] = naive_pcgrad_step(args, fresh_model, loss_fn, x0, t, noise, lookup, params_count,
+                                                     device)
 
-    print(f"{'step':<34}{'median ms':>10}{'mean ms':>10}{'x vanilla':>11}")
-    for name, median, mean in rows:
-        print(f"{name:<34}{median * 1000:>10.1f}{mean * 1000:>10.1f}{mean / base:>11.2f}")
+    rounds = math.ceil(args.repeats / refresh_interval) * refresh_interval
+    print(f"{rounds} timed rounds after {WARMUP_ROUNDS} warm-up rounds"
+          + (f" (--repeats {args.repeats} rounded up to a multiple of Nash-MTL's refresh interval, {refresh_interval})"
+             if rounds != args.repeats else ""))
+    sync = lambda: synchronize(device)  # noqa: E731
+    time_round_robin(candidates, WARMUP_ROUNDS, first="vanilla", synchronize=sync)
+    seconds = time_round_robin(candidates, rounds, first="vanilla", step_offset=FIRST_TIMED_STEP, synchronize=sync)
+
+    print(f"\n{'step':<34}{'median ms':>10}{'mean ms':>10}{'x vanilla (median)':>20}{'IQR':>14}")
+    for name, times in seconds.items():
+        q1, ratio, q3 = ratio_quartiles(times, seconds["vanilla"])
+        print(f"{name:<34}{statistics.median(times) * 1000:>10.1f}{statistics.mean(times) * 1000:>10.1f}"
+              f"{ratio:>20.2f}{f'{q1:.2f}-{q3:.2f}':>14}")
+    if refresh_interval > 1:
+        print(f"(Nash-MTL: the median is a step between refreshes; the mean includes one refresh per "
+              f"{refresh_interval} steps.)")
+
+    def one_pass(step: int) -> None:  # the fixed cost of a forward+backward pass, whatever the batch
+        loss_fn(model_denoiser(vanilla_model), x0[:1], t[:1], noise[:1]).sum().backward()
+
+    time_round_robin({"one pass": one_pass}, 2, synchronize=sync)
+    per_pass = statistics.median(time_round_robin({"one pass": one_pass}, rounds, synchronize=sync)["one pass"])
     print(f"\none forward+backward at batch 1 (the fixed cost per sub-batch pass): {per_pass * 1000:.1f} ms")
 
     if not args.skip_ray:
         ray_scaling(args)
 
 
-def naive_pcgrad(args, fresh_model, loss_fn, x0, t, noise, lookup, params_count, device):
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def vanilla_step(model, loss_fn, x0, t, noise):
+    """The plain diffusion step: one forward and backward over the batch, clip, AdamW."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def vanilla(step: int) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model_denoiser(model), x0, t, noise).mean().backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+
+    return vanilla
+
+
+def naive_pcgrad_step(args, fresh_model, loss_fn, x0, t, noise, lookup, params_count, device):
     """The textbook per-cluster gradients: one forward, k backward passes through the full batch's graph."""
     model = fresh_model()
     method = build_mtl_method("pcgrad", args.k)
@@ -167,9 +176,7 @@ def naive_pcgrad(args, fresh_model, loss_fn, x0, t, noise, lookup, params_count,
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
 
-    timed_steps(naive, 2, device)
-    seconds = timed_steps(naive, args.repeats, device)
-    return "pcgrad, naive (k full backward)", statistics.median(seconds), statistics.mean(seconds)
+    return naive
 
 
 def ray_scaling(args: argparse.Namespace) -> None:
@@ -184,7 +191,8 @@ def ray_scaling(args: argparse.Namespace) -> None:
     use_gpu = args.device.startswith("cuda")
     ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False,
              logging_level="WARNING", log_to_driver=False)
-    print(f"\nRay Train, {args.ray_steps} steps of batch {args.batch}, images/s over the second half:")
+    print(f"\nRay Train, {args.ray_steps} steps of batch {args.batch}, images/s over the second half "
+          "(block-timed: each configuration is a separate run, so it cannot be interleaved step by step):")
     throughput = {}
     for method in ("uw", "pcgrad"):
         for workers in (1, 2):

@@ -27,6 +27,7 @@ from ant_ray.fid import (
     fid_from_sampler,
     fid_metric_name,
     frechet_distance,
+    frechet_distance_torch,
     reference_stats,
     reference_stats_path,
 )
@@ -127,6 +128,132 @@ def test_frechet_rejects_mismatched_shapes():
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
     with pytest.raises(ValueError, match="sigma2"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(4))
+
+
+# Eigendecomposition form (default) against scipy's sqrtm form, closed forms and the torch path.
+
+# (dimensions, samples): full-rank covariances, and rank-deficient ones (fewer samples than dimensions, rank n-1).
+COVARIANCE_SHAPES = [(1, 50), (7, 100), (64, 1000), (256, 400), (40, 10), (128, 30), (512, 100)]
+
+
+def sample_gaussian_pair(rng: np.random.Generator, dim: int, samples: int):
+    """Two feature sets with a decaying spectrum (as real features have), their stats, and the first set's
+    centred, scaled features (S1 = X^T X)."""
+    scales = 1.0 / np.sqrt(1.0 + np.arange(dim))
+    first = rng.standard_normal((samples, dim)) * scales
+    second = rng.standard_normal((samples, dim)) * scales * 1.2 + 0.05
+    centred = (first - first.mean(axis=0)) / np.sqrt(samples - 1)
+    return FeatureStats.from_features(first), FeatureStats.from_features(second), centred
+
+
+@pytest.mark.parametrize("dim,samples", COVARIANCE_SHAPES)
+def test_eigh_form_matches_sqrtm_form(dim, samples):
+    s1, s2, _ = sample_gaussian_pair(np.random.default_rng(dim + samples), dim, samples)
+    eigh_value = frechet_distance(s1.mu, s1.sigma, s2.mu, s2.sigma)
+    sqrtm_value = frechet_distance(s1.mu, s1.sigma, s2.mu, s2.sigma, method="sqrtm")
+    assert eigh_value > 0
+    # Full rank agrees to ~1e-13; a singular product leaves sqrtm ~1e-7 off (square roots of round-off).
+    assert eigh_value == pytest.approx(sqrtm_value, rel=1e-6)
+
+
+@pytest.mark.parametrize("dim,samples", [(40, 10), (256, 40)])
+def test_eigh_form_is_accurate_for_rank_deficient_covariances(dim, samples):
+    # With S1 = X^T X (X: samples x dim), S1 S2 has the nonzero eigenvalues of the small, well-conditioned
+    # X S2 X^T: a reference that never takes the square root of a round-off-sized eigenvalue.
+    s1, s2, centred = sample_gaussian_pair(np.random.default_rng(dim), dim, samples)
+    small = centred @ s2.sigma @ centred.T
+    root_trace = np.sqrt(np.clip(np.linalg.eigvalsh((small + small.T) / 2), 0, None)).sum()
+    diff = s1.mu - s2.mu
+    expected = diff @ diff + np.trace(s1.sigma) + np.trace(s2.sigma) - 2 * root_trace
+    assert frechet_distance(s1.mu, s1.sigma, s2.mu, s2.sigma) == pytest.approx(expected, rel=1e-7)
+
+
+def frechet_by(path: str, mu1, s1, mu2, s2) -> float:
+    if path == "torch":
+        return frechet_distance(*(torch.from_numpy(x) for x in (mu1, s1, mu2, s2)))
+    return frechet_distance(mu1, s1, mu2, s2, method=path)
+
+
+@pytest.mark.parametrize("path", ["eigh", "sqrtm", "torch"])
+def test_every_path_matches_closed_forms(path):
+    rng = np.random.default_rng(6)
+    dim = 128
+    mu1, mu2 = rng.standard_normal(dim), rng.standard_normal(dim)
+    # Commuting covariances (same eigenvectors): tr((S1 S2)^1/2) = sum sqrt(d1 d2). Zeros make both singular.
+    d1, d2 = rng.uniform(0.1, 3.0, dim), rng.uniform(0.1, 3.0, dim)
+    d1[:20] = 0.0
+    d2[10:30] = 0.0
+    expected = np.sum((mu1 - mu2) ** 2) + d1.sum() + d2.sum() - 2 * np.sqrt(d1 * d2).sum()
+    q, _ = np.linalg.qr(rng.standard_normal((dim, dim)))
+    s1, s2 = (q * d1) @ q.T, (q * d2) @ q.T
+    assert frechet_by(path, mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-8)
+    # Identical Gaussians, full rank or not, are at distance 0.
+    for samples in (1000, 50):
+        stats = FeatureStats.from_features(rng.standard_normal((samples, dim)) * 2 + 1)
+        assert frechet_by(path, stats.mu, stats.sigma, stats.mu, stats.sigma) == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("dim,samples", [(64, 1000), (64, 20)])
+def test_torch_path_equals_numpy_path(dim, samples):
+    s1, s2, _ = sample_gaussian_pair(np.random.default_rng(7), dim, samples)
+    numpy_value = frechet_distance(s1.mu, s1.sigma, s2.mu, s2.sigma)
+    tensors = [torch.from_numpy(x) for x in (s1.mu, s1.sigma, s2.mu, s2.sigma)]
+    rel = 1e-10 if samples > dim else 1e-7  # singular: round-off-sized eigenvalues differ between LAPACK builds
+    assert frechet_distance(*tensors) == pytest.approx(numpy_value, rel=rel)
+    assert frechet_distance(s1.mu, s1.sigma, s2.mu, s2.sigma, device="cpu") == pytest.approx(numpy_value, rel=rel)
+    assert frechet_distance_torch(*tensors, device=torch.device("cpu")) == pytest.approx(numpy_value, rel=rel)
+    # float32 statistics (as computed on a GPU) are promoted: the same value as numpy on the same float32 numbers.
+    as_float32 = [x.to(torch.float32) for x in tensors]
+    expected = frechet_distance(*(x.numpy() for x in as_float32))
+    assert frechet_distance(*as_float32) == pytest.approx(expected, rel=rel)
+
+
+def test_frechet_rejects_bad_method_asymmetric_covariance_and_sqrtm_on_tensors():
+    eye = np.eye(3)
+    with pytest.raises(ValueError, match="method must be one of eigh, sqrtm"):
+        frechet_distance(np.zeros(3), eye, np.zeros(3), eye, method="svd")
+    skewed = eye.copy()
+    skewed[0, 1] = 0.5
+    with pytest.raises(ValueError, match="sigma2 is not symmetric"):
+        frechet_distance(np.zeros(3), eye, np.zeros(3), skewed)
+    with pytest.raises(ValueError, match="sigma2 is not symmetric"):
+        frechet_distance(np.zeros(3), eye, np.zeros(3), torch.from_numpy(skewed))
+    with pytest.raises(ValueError, match="only 'eigh' runs in torch"):
+        frechet_distance(torch.zeros(3), torch.eye(3), torch.zeros(3), torch.eye(3), method="sqrtm")
+    with pytest.raises(ValueError, match="mu1 and mu2"):
+        frechet_distance(torch.zeros(3), torch.eye(3), torch.zeros(4), torch.eye(4))
+    with pytest.raises(ValueError, match="non-empty"):
+        frechet_distance(np.zeros(0), np.zeros((0, 0)), np.zeros(0), np.zeros((0, 0)))
+
+
+def test_eigh_path_adds_eps_only_when_the_eigendecomposition_fails(monkeypatch):
+    rng = np.random.default_rng(8)
+    s1, s2, _ = sample_gaussian_pair(rng, 16, 100)
+    exact = frechet_distance(s1.mu, s1.sigma, s2.mu, s2.sigma)
+    real_eigh, calls = np.linalg.eigh, []
+
+    def eigh_failing_once(matrix):
+        calls.append(matrix.copy())
+        if len(calls) == 1:
+            raise np.linalg.LinAlgError("Eigenvalues did not converge")
+        return real_eigh(matrix)
+
+    monkeypatch.setattr(np.linalg, "eigh", eigh_failing_once)
+    eps = 1e-3
+    value = frechet_distance(s1.mu, s1.sigma, s2.mu, s2.sigma, eps=eps)
+    np.testing.assert_allclose(calls[1], s1.sigma + eps * np.eye(16), rtol=1e-12)  # the retry's input
+    # As in the sqrtm path, the traces keep the covariances as given: only the square-root term sees eps.
+    offset = eps * np.eye(16)
+    expected = eigen_frechet(s1.mu, s1.sigma + offset, s2.mu, s2.sigma + offset) - 2 * 16 * eps
+    assert value == pytest.approx(expected, rel=1e-10)
+    assert value != pytest.approx(exact, rel=1e-6)
+
+    def eigh_never_converging(matrix):
+        raise np.linalg.LinAlgError("Eigenvalues did not converge")
+
+    monkeypatch.setattr(np.linalg, "eigh", eigh_never_converging)
+    with pytest.raises(ValueError, match="did not converge even after adding eps"):
+        frechet_distance(s1.mu, s1.sigma, s2.mu, s2.sigma, eps=eps)
 
 
 def test_streaming_stats_equal_numpy_mean_and_cov():

@@ -12,7 +12,12 @@ from ant_ray.fid.extractors import (
     dataset_fingerprint,
     ensure_inception_weights,
 )
-from ant_ray.fid.frechet import FeatureStats, StreamingFeatureStats, frechet_distance
+from ant_ray.fid.frechet import (
+    FeatureStats,
+    StreamingFeatureStats,
+    frechet_distance,
+    frechet_distance_torch,
+)
 from ant_ray.fid.score import (batch_seed, extend_feature_stream, fid_from_sampler, fid_metric_name, reference_stats,
                               reference_stats_path)
 
@@ -34,6 +39,7 @@ __all__ = [
     "fid_from_sampler",
     "fid_metric_name",
     "frechet_distance",
+    "frechet_distance_torch",
     "load_or_train_domain_classifier",
     "reference_stats",
     "reference_stats_path",
