@@ -30,11 +30,11 @@ REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 RAY_CLI = VENV_BIN / "ray"
 HEAD_CPUS = 4  # logical CPUs, like TINY's ray.num_cpus for the private instance: fractional workers share 2 cores
-JOB_TIMEOUT_S = 600  # minutes on a quiet machine; a busy 2-core machine (other runs) takes several times longer
+JOB_TIMEOUT_S = 600  # 3-4 minutes measured on this 2-core machine while other sessions loaded it (load 9-17)
 # The e2e test's tiny budget; 2 merge trials run as one concurrent wave instead of two (each wave starts processes).
 OVERRIDES = [*TINY, "merge_search.num_trials=2"]
 # Variables of the test process that would point the head, its jobs or the job CLI elsewhere (an earlier test's
-# private Ray pins RAY_API_SERVER_ADDRESS in os.environ; the job CLI prefers it to --address).
+# private Ray pins RAY_API_SERVER_ADDRESS in os.environ; the job CLI and JobSubmissionClient prefer it to --address).
 FOREIGN_VARS = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "MLFLOW_TRACKING_URI")
 
 
@@ -44,10 +44,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ray_env() -> dict[str, str]:
+def _ray_env(api_server: str) -> dict[str, str]:
+    """Environment of the head (which its workers and the job's entrypoint inherit) and of the job CLI."""
     env = {k: v for k, v in os.environ.items() if k not in FOREIGN_VARS}
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["RAY_AUTH_MODE"] = "disabled"  # Ray >= 2.59 would enable token auth and write ~/.ray/auth_token
+    # Train V2's placement-group cleaner, a worker, asks the state API of "the" Ray on its machine; with other Ray
+    # instances on this machine (other tests, other people) it gives up ("Found multiple active Ray instances").
+    # A cluster's node runs one Ray; here, name ours.
+    env["RAY_API_SERVER_ADDRESS"] = api_server
     return env
 
 
@@ -118,6 +123,7 @@ def ray_head():
     # Short and outside pytest's deep tmp_path: Ray's unix socket paths under it must fit in 107 characters.
     temp_dir = tempfile.mkdtemp(prefix="ray-head-", dir="/tmp")
     dashboard_port = _free_port()
+    address = f"http://127.0.0.1:{dashboard_port}"
     log_path = Path(temp_dir) / "ray-start.log"
     with open(log_path, "w") as log:
         head = subprocess.Popen(
@@ -125,8 +131,7 @@ def ray_head():
              "--port", str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
              "--ray-client-server-port", str(_free_port()), "--dashboard-agent-listen-port", str(_free_port()),
              "--num-cpus", str(HEAD_CPUS), "--temp-dir", temp_dir, "--disable-usage-stats"],
-            env=_ray_env(), stdout=log, stderr=subprocess.STDOUT)
-    address = f"http://127.0.0.1:{dashboard_port}"
+            env=_ray_env(address), stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_for_job_api(address, head, log_path)
         yield address
@@ -189,7 +194,7 @@ def test_ray_job_submit_runs_the_pipeline_on_a_cluster(ray_head, tmp_path, entry
         [str(RAY_CLI), "job", "submit", "--address", ray_head, "--submission-id", submission_id, "--no-wait",
          "--working-dir", str(REPO), "--entrypoint-num-cpus", "0.5", "--runtime-env-json", json.dumps(runtime_env),
          "--", "python", *entrypoint, "--set", f"output_dir={out}", *[arg for o in OVERRIDES for arg in ("--set", o)]],
-        env=_ray_env(), capture_output=True, text=True, timeout=120)
+        env=_ray_env(ray_head), capture_output=True, text=True, timeout=120)
     assert submit.returncode == 0, f"ray job submit failed:\n{submit.stdout}\n{submit.stderr}"
 
     status, logs = _wait_for_job(ray_head, submission_id)
