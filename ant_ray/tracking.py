@@ -149,6 +149,7 @@ def ui_command(tracking_uri: str) -> str:
 
 
 def tracking_env(tracking_uri: str) -> dict[str, str]:
-    """Environment for Ray workers: the URI and a quiet MLflow."""
+    """Environment for the workers of a private local Ray: the URI and a quiet MLflow. Workers never need the URI
+    from here (tracking handles carry it); a joined cluster's workers get the job's runtime env instead."""
     return {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
             "GIT_PYTHON_REFRESH": "quiet", **({"HOME": os.environ["HOME"]} if "HOME" in os.environ else {})}

@@ -1,6 +1,7 @@
 """Entry point for `ray job submit`: DeMe's comparison table (see `ant-ray compare-deme --help`).
 
-    ray job submit --working-dir . -- python jobs/compare_deme.py search_spaces/deme_compare_digits.yaml \
+    ray job submit --address http://HEAD:8265 --working-dir . --entrypoint-num-cpus 1 \
+        -- python jobs/compare_deme.py search_spaces/deme_compare_digits.yaml \
         --set output_dir=/shared/ant_ray_runs --report /shared/deme_comparison.md
 """
 

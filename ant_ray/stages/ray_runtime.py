@@ -21,15 +21,21 @@ def _free_port() -> int:
 def start_ray(address: str | None = None, *, num_cpus: int | None = None, env: dict[str, str] | None = None) -> str:
     """Returns a short description of what was started. A private instance (address="local") never joins a Ray
     that happens to run on the machine; `num_cpus` sets its logical CPUs (fractional resources make room for
-    concurrent trials on small machines)."""
+    concurrent trials on small machines); `env` goes to its workers.
+
+    Joining a cluster (`address`, RAY_ADDRESS, or a `ray job submit` job, whose supervisor sets RAY_ADDRESS) passes
+    no runtime env and ignores `env` and `num_cpus`: the cluster's configuration and the job's runtime env
+    (working_dir, env_vars, pip) are the user's, and ray.init refuses to merge a second runtime env into a job's when
+    both set env_vars ("Failed to merge the Job's runtime env"). Workers need nothing from ours: every task and
+    trainer gets its MLflow tracking URI in its arguments (`TrackedRun.handle()`), not from the environment."""
     if ray.is_initialized():
         return "already connected"
     address = address or os.environ.get("RAY_ADDRESS")
-    env_vars = dict(env or {})
     if address:
-        ray.init(address=address, runtime_env={"env_vars": env_vars}, log_to_driver=True)
+        ray.init(address=address, log_to_driver=True)
         install_worker_log_filter()
         return f"joined Ray at {address}"
+    env_vars = dict(env or {})
     # Local clusters enable token auth from Ray 2.59; a private throwaway instance does not need it.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Train V2's placement-group cleaner asks the state API (served by the dashboard) whether its controller is
