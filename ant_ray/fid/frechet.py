@@ -6,12 +6,13 @@ FID(mu1, S1, mu2, S2) = ||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2}).
 from __future__ import annotations
 
 import os
-import tempfile
+import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 from scipy import linalg
+
+from ant_ray.files import CorruptFileError, publishing_file
 
 
 def _as_float64_vector(value: np.ndarray, arg: str) -> np.ndarray:
@@ -98,25 +99,29 @@ class FeatureStats:
         return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write as .npz atomically (temp file + rename) so a concurrent reader never sees half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, mu=self.mu, sigma=self.sigma, n=np.int64(self.n))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write as .npz, published whole (temporary file + rename) so a concurrent reader never sees half a file."""
+        with publishing_file(path) as temporary, open(temporary, "wb") as handle:
+            np.savez(handle, mu=self.mu, sigma=self.sigma, n=np.int64(self.n))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
-        with np.load(path, allow_pickle=False) as data:
-            missing = {"mu", "sigma", "n"} - set(data.files)
-            if missing:
-                raise ValueError(f"{path} is not a FeatureStats file: missing {sorted(missing)}")
-            return cls(mu=data["mu"], sigma=data["sigma"], n=int(data["n"]))
+        """Read a file written by `save` (never unpickles). A truncated or garbage file is a one-line
+        CorruptFileError naming it."""
+        fix = "delete it; cached statistics are recomputed on the next run"
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+        except FileNotFoundError:
+            raise
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+            raise CorruptFileError(path, f"is truncated or not an .npz file ({error})", fix) from None
+        missing = {"mu", "sigma", "n"} - set(arrays)
+        if missing:
+            raise CorruptFileError(path, f"is not a FeatureStats file: it lacks {sorted(missing)}", fix)
+        try:
+            return cls(mu=arrays["mu"], sigma=arrays["sigma"], n=int(arrays["n"]))
+        except (TypeError, ValueError) as error:
+            raise CorruptFileError(path, f"holds invalid statistics ({error})", fix) from None
 
 
 class StreamingFeatureStats:
