@@ -2,13 +2,24 @@
 
 Runs are addressed by id through an explicit `MlflowClient`, so a Ray worker in another process logs to the same
 run as long as it gets the tracking URI and run id (no reliance on MLflow's process-global active run).
+
+Params and tags pass through `redact_credentials` first, so a token or password from the environment never
+lands in the store. `check_tracking_store` tells within seconds whether the store can be used at all (MLflow
+itself retries an unreachable server silently for minutes).
 """
 
 from __future__ import annotations
 
+import http.client
 import math
 import os
+import re
+import ssl
 import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from base64 import b64encode
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -54,7 +65,7 @@ class TrackedRun:
     @classmethod
     def start(cls, tracking_uri: str, experiment_id: str, name: str, *, parent_run_id: str | None = None,
               tags: Mapping[str, str] | None = None) -> "TrackedRun":
-        all_tags = dict(tags or {})
+        all_tags = redact_credentials({key: str(value) for key, value in (tags or {}).items()})
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
         run = MlflowClient(tracking_uri).create_run(experiment_id, run_name=name, tags=all_tags)
@@ -65,7 +76,10 @@ class TrackedRun:
         return {"tracking_uri": self.tracking_uri, "run_id": self.run_id}
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        flat = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        """Log (nested) params as dotted keys; credentials are redacted (`redact_credentials`) before the values
+        are cut to MLflow's 6000 characters, so no part of a secret is stored."""
+        values = redact_credentials({k: str(v) for k, v in flatten(params).items()})
+        flat = [Param(k, v[:6000]) for k, v in values.items()]
         for i in range(0, len(flat), 100):
             self.client.log_batch(self.run_id, params=flat[i:i + 100])
 
@@ -78,7 +92,9 @@ class TrackedRun:
             self.client.log_batch(self.run_id, metrics=batch)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        """Set tags; credentials are redacted (`redact_credentials`)."""
+        values = redact_credentials({k: str(v) for k, v in tags.items()})
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in values.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), artifact_path)
@@ -153,3 +169,154 @@ def tracking_env(tracking_uri: str) -> dict[str, str]:
     from here (tracking handles carry it); a joined cluster's workers get the job's runtime env instead."""
     return {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
             "GIT_PYTHON_REFRESH": "quiet", **({"HOME": os.environ["HOME"]} if "HOME" in os.environ else {})}
+
+
+# ----------------------------------------------------------------------------------------- credential redaction
+REDACTED = "***"
+# Environment variables and param/tag names that hold credentials: AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_TOKEN,
+# MLFLOW_TRACKING_PASSWORD, HF_TOKEN, ... (a false positive only hides a value; a miss would leak one).
+_CREDENTIAL_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|KEY", re.IGNORECASE)
+# Values of such variables that are switches, not secrets (e.g. HF_HUB_DISABLE_IMPLICIT_TOKEN=1).
+_NOT_SECRETS = {"true", "false", "yes", "no", "on", "off", "none", "null"}
+# A password in a URL's user part, e.g. postgresql://user:password@host/db or https://user:token@host.
+_URL_PASSWORD = re.compile(r"(?P<start>[A-Za-z][A-Za-z0-9+.-]*://[^/\s:@]*:)[^/\s@]+@")
+
+
+def looks_like_credential(name: str) -> bool:
+    """Whether a variable, param or tag name suggests a credential (contains TOKEN, SECRET, PASSWORD, KEY, ...)."""
+    return bool(_CREDENTIAL_NAME.search(name))
+
+
+def environment_credentials(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of credential-looking environment variables that can be secrets (4+ characters, not a yes/no
+    word), longest first so that a secret containing another is replaced whole."""
+    environ = os.environ if environ is None else environ
+    values = {value for name, value in environ.items()
+              if looks_like_credential(name) and len(value) >= 4 and value.lower() not in _NOT_SECRETS}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact_credentials(values: Mapping[str, str], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Replace by "***": the value of a credential-looking key; any value equal to a credential from the
+    environment (`environment_credentials`); a credential of 8+ characters inside a longer value (a URL or a
+    command line that embeds a token); and the password part of a URL. Keys are kept as they are."""
+    secrets = environment_credentials(environ)
+    redacted = {}
+    for key, value in values.items():
+        if looks_like_credential(key):
+            redacted[key] = REDACTED
+            continue
+        for secret in secrets:
+            if value == secret or (len(secret) >= 8 and secret in value):
+                value = value.replace(secret, REDACTED)
+        redacted[key] = _URL_PASSWORD.sub(rf"\g<start>{REDACTED}@", value)
+    return redacted
+
+
+# --------------------------------------------------------------------------------------------- store check
+class TrackingUnreachable(ValueError):
+    """The MLflow tracking store cannot be used; the message (one line) names the URI and the fix."""
+
+
+_SERVER_FIX = "start the server, or unset MLFLOW_TRACKING_URI to use the local SQLite store"
+
+
+def check_tracking_store(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before anything is created, if the tracking store at `uri` cannot be used.
+
+    http(s): a GET of the server's /health, then (if that is not 200, e.g. behind a proxy) of the REST API's
+    experiment search, each within `timeout_s` (MLflow's own client retries an unreachable server silently for
+    minutes). No answer, or an answer of HTTP 404, 401/403, 429 or 5xx, raises. sqlite: the database file, or the
+    folder it would be created in, must be writable (nothing is created). Other schemes (databricks, ...) are
+    not checked. Raises TrackingUnreachable with one line naming the URI and the fix."""
+    if uri.startswith(("http://", "https://")):
+        _check_tracking_server(uri, timeout_s)
+    elif uri.startswith("sqlite:"):
+        _check_sqlite_store(uri)
+
+
+def _check_tracking_server(uri: str, timeout_s: float) -> None:
+    shown = redact_credentials({"uri": uri})["uri"]
+    parts = urllib.parse.urlsplit(uri)
+    headers = _auth_headers()
+    if parts.username is not None:  # http://user:password@host: urllib wants it as a header, not in the URL
+        headers.setdefault("Authorization", "Basic " + b64encode(
+            f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}".encode()).decode())
+        parts = parts._replace(netloc=parts.netloc.rpartition("@")[2])
+    base = urllib.parse.urlunsplit(parts).rstrip("/")
+    if _http_status(f"{base}/health", headers, shown, timeout_s) == 200:  # cheap: no database work on the server
+        return
+    status = _http_status(f"{base}/api/2.0/mlflow/experiments/search?max_results=1", headers, shown, timeout_s)
+    if status in (401, 403) and not os.environ.get("MLFLOW_TRACKING_AUTH"):  # an auth plugin: we cannot log in
+        raise TrackingUnreachable(f"the MLflow tracking server {shown} refuses our credentials (HTTP {status}); set "
+                                  "MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD")
+    if status == 404:
+        raise TrackingUnreachable(f"{shown} answers HTTP 404 for MLflow's REST API (/api/2.0/mlflow/...); check "
+                                  "the URI's host, port and path, or unset MLFLOW_TRACKING_URI to use the local "
+                                  "SQLite store")
+    if status == 429 or status >= 500:  # MLflow's client would retry these for minutes
+        raise TrackingUnreachable(f"the MLflow tracking server {shown} answers HTTP {status}; check the server "
+                                  "(its log), or unset MLFLOW_TRACKING_URI to use the local SQLite store")
+
+
+def _http_status(url: str, headers: dict[str, str], shown_uri: str, timeout_s: float) -> int:
+    """The HTTP status of a GET of `url`; TrackingUnreachable if nothing answers within `timeout_s`."""
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=_tls_context()) as response:
+            return response.status
+    except urllib.error.HTTPError as error:  # the server answered, with an error status
+        return error.code
+    except (OSError, http.client.HTTPException) as error:  # refused, timed out, unknown host, not HTTP
+        reason = getattr(error, "reason", None) or error
+        raise TrackingUnreachable(f"cannot reach the MLflow tracking server {shown_uri} within {timeout_s:g} s "
+                                  f"({reason}); {_SERVER_FIX}") from None
+
+
+def _auth_headers() -> dict[str, str]:
+    """The credentials MLflow's client would send (MLFLOW_TRACKING_TOKEN, or username and password)."""
+    if os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return {"Authorization": f"Bearer {os.environ['MLFLOW_TRACKING_TOKEN']}"}
+    username, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if username and password:
+        return {"Authorization": "Basic " + b64encode(f"{username}:{password}".encode()).decode()}
+    return {}
+
+
+def _tls_context() -> ssl.SSLContext | None:
+    """TLS settings as MLflow's client reads them from the environment; None: Python's defaults."""
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        return ssl._create_unverified_context()  # the user opted out of verification for MLflow too
+    certificate_authority = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH")
+    client_certificate = os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH")
+    if not certificate_authority and not client_certificate:
+        return None
+    context = ssl.create_default_context(cafile=certificate_authority or None)
+    if client_certificate:
+        context.load_cert_chain(client_certificate)
+    return context
+
+
+def _check_sqlite_store(uri: str) -> None:
+    """sqlite:///relative.db, sqlite:////absolute.db; sqlite:// and sqlite:///:memory: are in-memory."""
+    path_text = urllib.parse.urlsplit(uri).path.removeprefix("/")
+    if path_text in ("", ":memory:"):
+        return
+    path = Path(path_text).expanduser()
+    fix = ("choose a writable place with tracking.uri or MLFLOW_TRACKING_URI (or output_dir, for the default "
+           "store)")
+
+    def fail(problem: str) -> None:
+        raise TrackingUnreachable(f"the MLflow SQLite store {uri} cannot be used: {problem}; {fix}")
+
+    if path.is_dir():
+        fail(f"{path} is a folder, not a database file")
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        fail(f"{path} is not writable")
+    existing = path.absolute().parent
+    while not existing.exists():  # the first folder that exists must let us create the rest
+        existing = existing.parent
+    if not existing.is_dir():
+        fail(f"{existing} is a file, so no folder can be created there")
+    if not os.access(existing, os.W_OK | os.X_OK):  # SQLite also writes a journal file beside the database
+        fail(f"the folder {existing} is not writable")

@@ -8,9 +8,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ant_ray"
 
 # Lowest first. A module may import only from its own layer or below.
 LAYERS = [
-    ("kernels", ["ant_ray.registry", "ant_ray.ant.clustering", "ant_ray.ant.clustering_costs", "ant_ray.ant.affinity",
-                 "ant_ray.ant.affinity_stage", "ant_ray.mtl", "ant_ray.merge", "ant_ray.diffusion", "ant_ray.data",
-                 "ant_ray.fid", "ant_ray.deme.projection", "ant_ray.training"]),
+    ("kernels", ["ant_ray.registry", "ant_ray.files", "ant_ray.ant.clustering", "ant_ray.ant.clustering_costs",
+                 "ant_ray.ant.affinity", "ant_ray.ant.affinity_stage", "ant_ray.mtl", "ant_ray.merge",
+                 "ant_ray.diffusion", "ant_ray.data", "ant_ray.fid", "ant_ray.deme.projection", "ant_ray.training"]),
     ("config", ["ant_ray.config"]),
     ("loops", ["ant_ray.tracking", "ant_ray.evaluation", "ant_ray.ant.train", "ant_ray.deme.finetune",
                "ant_ray.deme.ranges", "ant_ray.ant", "ant_ray.deme"]),

@@ -1,12 +1,27 @@
-"""MLflow logging into a temporary SQLite store: nesting, params, per-step metrics, artifacts."""
+"""MLflow logging into a temporary SQLite store: nesting, params, per-step metrics, artifacts; checking that a
+tracking store can be used before anything starts."""
+
+import base64
+import contextlib
+import http.server
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
 
 import matplotlib
+import pytest
 
 matplotlib.use("Agg")
 
 from mlflow.tracking import MlflowClient
 
-from ant_ray.tracking import TrackedRun, flatten, loss_curve_figure, setup_experiment, ui_command
+from ant_ray.tracking import (TrackedRun, TrackingUnreachable, check_tracking_store, flatten, loss_curve_figure,
+                              setup_experiment, ui_command)
 
 
 def test_runs_nest_and_log(tmp_path):
@@ -37,3 +52,142 @@ def test_runs_nest_and_log(tmp_path):
 def test_flatten_and_ui_command():
     assert flatten({"a": {"b": {"c": 1}}, "d": 2}) == {"a.b.c": 1, "d": 2}
     assert ui_command("sqlite:////x/mlflow.db") == "mlflow ui --backend-store-uri sqlite:////x/mlflow.db"
+
+
+# ------------------------------------------------------------------------------------------ check_tracking_store
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_closed_port_fails_fast_with_one_line_naming_uri_and_fix():
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    with pytest.raises(TrackingUnreachable) as error:
+        check_tracking_store(uri)
+    assert time.monotonic() - started < 6
+    message = str(error.value)
+    assert "\n" not in message and uri in message and "unset MLFLOW_TRACKING_URI" in message
+
+
+def test_server_that_never_answers_fails_within_the_timeout():
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) but never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        started = time.monotonic()
+        with pytest.raises(TrackingUnreachable, match="within 0.5 s"):
+            check_tracking_store(uri, timeout_s=0.5)
+        assert time.monotonic() - started < 3
+
+
+def test_password_in_the_uri_is_not_shown():
+    with pytest.raises(TrackingUnreachable) as error:
+        check_tracking_store(f"http://ant:s3cret-pass@127.0.0.1:{free_port()}")
+    assert "s3cret-pass" not in str(error.value)
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on a free loopback port (it needs a few seconds to answer)."""
+    folder = tmp_path_factory.mktemp("mlflow_server")
+    port, log_path = free_port(), folder / "server.log"
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+               "--default-artifact-root", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1"]  # the default 4 workers start too slowly on 2 busy cores and get restarted
+    with open(log_path, "wb") as log:
+        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300  # ~6 s on a quiet machine; minutes when the cores are busy
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"mlflow server did not start: {log_path.read_text()[-2000:]}")
+                time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # its own session: the server and the job consumers it started
+        try:
+            server.wait(timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGKILL)  # any consumer still shutting down
+
+
+def test_running_server_passes_and_a_wrong_path_is_named(mlflow_server):
+    check_tracking_store(mlflow_server)
+    check_tracking_store(mlflow_server + "/")
+    with pytest.raises(TrackingUnreachable, match="HTTP 404"):
+        check_tracking_store(mlflow_server + "/not-mlflow")
+
+
+@pytest.fixture
+def fake_server():
+    """A stdlib HTTP server answering /health with 200 under /ok and every other path with `status`; it records
+    the (path, Authorization header) of each request."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        status, requests = 404, []
+
+        def do_GET(self):
+            Handler.requests.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200 if self.path == "/ok/health" else Handler.status)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield Handler, f"127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join()
+
+
+def test_credentials_in_the_uri_are_sent_as_a_header(fake_server):
+    handler, address = fake_server
+    check_tracking_store(f"http://bob:pa%40ss@{address}/ok/")
+    assert handler.requests == [("/ok/health", "Basic " + base64.b64encode(b"bob:pa@ss").decode())]
+
+
+@pytest.mark.parametrize("status, hint", [(401, "refuses our credentials"), (404, "HTTP 404"), (503, "HTTP 503")])
+def test_error_statuses_are_named(fake_server, status, hint):
+    handler, address = fake_server
+    handler.status = status
+    with pytest.raises(TrackingUnreachable, match=hint):
+        check_tracking_store(f"http://{address}/mlflow")
+
+
+def test_sqlite_store_checks(tmp_path, monkeypatch):
+    check_tracking_store(f"sqlite:///{tmp_path / 'new' / 'deeper' / 'mlflow.db'}")  # folders can be created
+    assert not (tmp_path / "new").exists()  # ... but the check creates nothing
+    monkeypatch.chdir(tmp_path)
+    check_tracking_store("sqlite:///relative.db")
+    check_tracking_store("sqlite://")  # in memory
+    check_tracking_store("sqlite:///:memory:")
+
+    (tmp_path / "a_file").write_text("")
+    uri = f"sqlite:///{tmp_path / 'a_file' / 'mlflow.db'}"
+    with pytest.raises(TrackingUnreachable) as error:
+        check_tracking_store(uri)
+    assert "\n" not in str(error.value) and uri in str(error.value) and "is a file" in str(error.value)
+    with pytest.raises(TrackingUnreachable, match="is a folder"):
+        check_tracking_store(f"sqlite:///{tmp_path}")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere: there is no unwritable folder to test")
+def test_sqlite_store_in_an_unwritable_folder_fails(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(TrackingUnreachable, match="not writable"):
+        check_tracking_store(f"sqlite:///{locked / 'mlflow.db'}")
+
+
+def test_other_schemes_are_not_checked():
+    check_tracking_store("databricks")
+    check_tracking_store("databricks://profile")

@@ -27,8 +27,10 @@ from pathlib import Path
 from typing import Sequence, Union
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from ant_ray.files import CorruptFileError, check_safetensors, publishing_folder, read_json, read_safetensors
 
 PROJECTIONS_ATTRIBUTE = "channel_projections"
 PROJECTIONS_WEIGHTS_NAME = "channel_projections.safetensors"
@@ -180,45 +182,51 @@ def save_model_with_projections(unet: nn.Module, folder: str | os.PathLike) -> N
     """diffusers `save_pretrained` (safetensors) of the base weights, plus the projections in their own files.
 
     `UNet2DModel.from_pretrained(folder)` still loads the model without projections; `load_model_with_projections`
-    restores them. A model without projections is saved plainly (stale projection files are removed)."""
-    folder = Path(folder)
-    weights_path, config_path = folder / PROJECTIONS_WEIGHTS_NAME, folder / PROJECTIONS_CONFIG_NAME
-    if not has_channel_projections(unet):
-        unet.save_pretrained(str(folder), safe_serialization=True)
-        weights_path.unlink(missing_ok=True)
-        config_path.unlink(missing_ok=True)
-        return
-    projections = unet._modules.pop(PROJECTIONS_ATTRIBUTE)  # keep the base file free of projection keys
-    try:
-        unet.save_pretrained(str(folder), safe_serialization=True)
-    finally:
-        unet._modules[PROJECTIONS_ATTRIBUTE] = projections
-    tensors = {f"{PROJECTIONS_ATTRIBUTE}.{key}": tensor.detach().contiguous().cpu()
-               for key, tensor in projections.state_dict().items()}
-    save_file(tensors, str(weights_path))
-    config = {"format_version": 1, "places": projections.places, "channels": projections.channels}
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    restores them. A model without projections is saved plainly. The folder is written beside `folder` and
+    published whole (`ant_ray.files.publishing_folder`): `folder` never holds a partial model, and a previous
+    model there (with its projection files) is replaced as a unit."""
+    with publishing_folder(folder) as temporary:
+        if not has_channel_projections(unet):
+            unet.save_pretrained(str(temporary), safe_serialization=True)
+            return
+        projections = unet._modules.pop(PROJECTIONS_ATTRIBUTE)  # keep the base file free of projection keys
+        try:
+            unet.save_pretrained(str(temporary), safe_serialization=True)
+        finally:
+            unet._modules[PROJECTIONS_ATTRIBUTE] = projections
+        tensors = {f"{PROJECTIONS_ATTRIBUTE}.{key}": tensor.detach().contiguous().cpu()
+                   for key, tensor in projections.state_dict().items()}
+        save_file(tensors, str(temporary / PROJECTIONS_WEIGHTS_NAME))
+        config = {"format_version": 1, "places": projections.places, "channels": projections.channels}
+        (temporary / PROJECTIONS_CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def load_model_with_projections(folder: str | os.PathLike, *, model_class: type | None = None,
                                 **from_pretrained_options: object) -> nn.Module:
     """Load a folder written by `save_model_with_projections` (a plain diffusers folder loads without projections).
 
-    `model_class` defaults to diffusers' UNet2DModel; `from_pretrained_options` go to its `from_pretrained`."""
+    `model_class` defaults to diffusers' UNet2DModel; `from_pretrained_options` go to its `from_pretrained`.
+    A garbage or truncated file is a one-line CorruptFileError naming it."""
     if model_class is None:
         from diffusers import UNet2DModel  # imported here: the rest of this module needs only torch
         model_class = UNet2DModel
     folder = Path(folder)
+    fix = "delete the folder and re-run the step that writes it"
+    read_json(folder / "config.json", fix=fix)  # diffusers' own error for a bad config.json is a long traceback
+    if (folder / "diffusion_pytorch_model.safetensors").is_file():
+        check_safetensors(folder / "diffusion_pytorch_model.safetensors", fix=fix)
     unet = model_class.from_pretrained(str(folder), **from_pretrained_options)
     config_path = folder / PROJECTIONS_CONFIG_NAME
     if not config_path.is_file():
         return unet
-    config = json.loads(config_path.read_text())
+    config = read_json(config_path, fix=fix)
+    if not isinstance(config.get("places"), list) or not isinstance(config.get("channels"), dict):
+        raise CorruptFileError(config_path, "lacks 'places' (a list) and 'channels' (a mapping)", fix)
     add_channel_projections(unet, places=config["places"])
     found = unet.get_submodule(PROJECTIONS_ATTRIBUTE).channels
     if found != config["channels"]:
         raise ValueError(f"{config_path} records channels {config['channels']} but the model has {found}")
-    state = load_file(str(folder / PROJECTIONS_WEIGHTS_NAME), device=str(next(unet.parameters()).device))
+    state = read_safetensors(folder / PROJECTIONS_WEIGHTS_NAME, device=str(next(unet.parameters()).device), fix=fix)
     prefix = PROJECTIONS_ATTRIBUTE + "."
     unet.get_submodule(PROJECTIONS_ATTRIBUTE).load_state_dict(
         {key[len(prefix):]: tensor for key, tensor in state.items()}, strict=True)

@@ -1,4 +1,9 @@
-"""Model presets (diffusers UNet2DModel) and saving/loading in diffusers' folder format (safetensors only)."""
+"""Model presets (diffusers UNet2DModel) and saving/loading in diffusers' folder format (safetensors only).
+
+A model folder is published whole (`ant_ray.files.publishing_folder`): a folder at the final path is a finished
+model. `model_is_complete` also checks the files themselves, so a folder half-written by an older version (which
+wrote config.json before the weights) or cut short by a copy counts as unfinished.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,12 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
+
+from ant_ray.files import CorruptFileError, check_safetensors, read_json
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+_MODEL_FIX = "delete the folder and re-run the step that writes it"
 
 # `tiny` fits the CPU test budget; `ddpm-cifar10` is google/ddpm-cifar10-32's 35.7M-parameter configuration.
 PRESETS: dict[str, dict] = {
@@ -55,18 +66,49 @@ def build_model(base: str, *, resolution: int, channels: int, seed: int = 0) -> 
     return load_model(base, resolution=resolution, channels=channels)
 
 
-def load_model(folder: str | Path, *, resolution: int | None = None, channels: int | None = None) -> UNet2DModel:
+def check_model_folder(folder: str | Path) -> None:
+    """Raise unless `folder` holds a whole model: FileNotFoundError if a file is missing, CorruptFileError (one
+    line naming the file) if config.json is not a JSON object or a weights file is truncated or garbage."""
+    from ant_ray.deme.projection import PROJECTIONS_CONFIG_NAME, PROJECTIONS_WEIGHTS_NAME
+
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
+    if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(
             f"model.base {str(folder)!r} is neither a preset ({', '.join(PRESETS)}) nor a diffusers UNet2DModel "
-            "folder (expected config.json and diffusion_pytorch_model.safetensors inside)")
-    if not (folder / "diffusion_pytorch_model.safetensors").is_file():
-        raise FileNotFoundError(f"{folder} has no diffusion_pytorch_model.safetensors; only safetensors weights are "
-                                "loaded (convert a .bin checkpoint with save_pretrained(safe_serialization=True))")
-    from ant_ray.deme.projection import load_model_with_projections
+            f"folder (expected {CONFIG_NAME} and {WEIGHTS_NAME} inside)")
+    if not (folder / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{folder} has no {WEIGHTS_NAME}; only safetensors weights are loaded (convert a "
+                                ".bin checkpoint with save_pretrained(safe_serialization=True))")
+    read_json(folder / CONFIG_NAME, fix=_MODEL_FIX)
+    check_safetensors(folder / WEIGHTS_NAME, fix=_MODEL_FIX)
+    projection_files = [folder / PROJECTIONS_CONFIG_NAME, folder / PROJECTIONS_WEIGHTS_NAME]
+    present = [path for path in projection_files if path.is_file()]
+    if present and len(present) != len(projection_files):
+        missing = next(path for path in projection_files if not path.is_file())
+        raise CorruptFileError(missing, f"is missing beside {present[0].name}", _MODEL_FIX)
+    if present:
+        read_json(folder / PROJECTIONS_CONFIG_NAME, fix=_MODEL_FIX)
+        check_safetensors(folder / PROJECTIONS_WEIGHTS_NAME, fix=_MODEL_FIX)
 
-    model = (load_model_with_projections(folder) if (folder / "channel_projections.safetensors").is_file()
+
+def model_is_complete(folder: str | Path) -> bool:
+    """Whether `folder` holds a whole saved model (use this, not the presence of config.json, to decide whether
+    an output is finished). Reads only the headers: about a millisecond."""
+    try:
+        check_model_folder(folder)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def load_model(folder: str | Path, *, resolution: int | None = None, channels: int | None = None) -> UNet2DModel:
+    """Load a model folder (with its channel projections if it has them); a missing or damaged file is a
+    one-line FileNotFoundError / CorruptFileError naming it."""
+    folder = Path(folder)
+    check_model_folder(folder)
+    from ant_ray.deme.projection import PROJECTIONS_WEIGHTS_NAME, load_model_with_projections
+
+    model = (load_model_with_projections(folder) if (folder / PROJECTIONS_WEIGHTS_NAME).is_file()
              else UNet2DModel.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False))
     if channels is not None and model.config.in_channels != channels:
         raise ValueError(f"model {folder} takes {model.config.in_channels} channels but data.channels is {channels}")
@@ -77,13 +119,12 @@ def load_model(folder: str | Path, *, resolution: int | None = None, channels: i
 
 
 def save_model(model: UNet2DModel, folder: str | Path) -> Path:
-    from ant_ray.deme.projection import has_channel_projections, save_model_with_projections
+    """Save in diffusers' format (plus channel projections, if the model has them), published whole: `folder`
+    is replaced as a unit and never holds a partial model."""
+    from ant_ray.deme.projection import save_model_with_projections
 
     folder = Path(folder)
-    if has_channel_projections(model):
-        save_model_with_projections(model, folder)
-    else:
-        model.save_pretrained(folder, safe_serialization=True)
+    save_model_with_projections(model, folder)
     return folder
 
 

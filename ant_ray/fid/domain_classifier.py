@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 from torch import nn
+
+from ant_ray.files import CorruptFileError, check_safetensors, fsync_file, read_safetensors
 
 CACHE_FORMAT_VERSION = 1
 
@@ -190,6 +192,8 @@ def _write_json_atomically(description: dict[str, Any], path: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with os.fdopen(fd, "w") as handle:
         json.dump(description, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
@@ -202,17 +206,23 @@ def _file_sha256(path: Path) -> str:
 
 
 def _load_published(weights_path: Path, json_path: Path) -> TrainedDomainClassifier:
+    fix = "delete it; it is a cache and is rebuilt on the next run"
+    check_safetensors(weights_path, fix=fix)
     with safe_open(str(weights_path), framework="pt") as handle:
         metadata = handle.metadata() or {}
     if "description" not in metadata:
-        raise ValueError(f"{weights_path} has no 'description' metadata; it was not written by ant_ray.fid: delete it")
-    description = json.loads(metadata["description"])
+        raise CorruptFileError(weights_path, "has no 'description' metadata (not written by ant_ray.fid)", fix)
+    try:
+        description = json.loads(metadata["description"])
+        arch = description["architecture"]
+        with torch.random.fork_rng(devices=[]):  # the random init is overwritten: don't consume the caller's RNG
+            model = DomainClassifier(arch["in_channels"], arch["num_classes"], tuple(arch["widths"]),
+                                     arch["feature_dim"])
+    except (json.JSONDecodeError, TypeError, KeyError, ValueError) as error:
+        raise CorruptFileError(weights_path, f"has an unreadable 'description' metadata ({error!r})", fix) from None
     # The weights hash covers the file actually published, so every user of it reports the same value.
     description["weights_sha256"] = _file_sha256(weights_path)
-    arch = description["architecture"]
-    with torch.random.fork_rng(devices=[]):  # the random init is overwritten: don't consume the caller's RNG
-        model = DomainClassifier(arch["in_channels"], arch["num_classes"], tuple(arch["widths"]), arch["feature_dim"])
-    model.load_state_dict(load_file(str(weights_path), device="cpu"))
+    model.load_state_dict(read_safetensors(weights_path, device="cpu", fix=fix))
     model.eval()
     if not json_path.exists():  # the publisher may have died between the two files
         _write_json_atomically(description, json_path)
@@ -278,5 +288,6 @@ def load_or_train_domain_classifier(
     os.close(fd)
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, tmp, metadata={"description": json.dumps(description, sort_keys=True)})
+    fsync_file(tmp)  # on the disk before it gets its final name
     _publish_once(Path(tmp), weights_path)
     return _load_published(weights_path, json_path)

@@ -11,13 +11,14 @@ The last term is computed from symmetric eigendecompositions by default (``metho
 from __future__ import annotations
 
 import os
-import tempfile
+import zipfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import linalg
+
+from ant_ray.files import CorruptFileError, publishing_file
 
 FRECHET_METHODS = ("eigh", "sqrtm")
 
@@ -235,25 +236,29 @@ class FeatureStats:
         return frechet_distance(self.mu, self.sigma, other.mu, other.sigma)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write as .npz atomically (temp file + rename) so a concurrent reader never sees half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, mu=self.mu, sigma=self.sigma, n=np.int64(self.n))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write as .npz, published whole (temporary file + rename) so a concurrent reader never sees half a file."""
+        with publishing_file(path) as temporary, open(temporary, "wb") as handle:
+            np.savez(handle, mu=self.mu, sigma=self.sigma, n=np.int64(self.n))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
-        with np.load(path, allow_pickle=False) as data:
-            missing = {"mu", "sigma", "n"} - set(data.files)
-            if missing:
-                raise ValueError(f"{path} is not a FeatureStats file: missing {sorted(missing)}")
-            return cls(mu=data["mu"], sigma=data["sigma"], n=int(data["n"]))
+        """Read a file written by `save` (never unpickles). A truncated or garbage file is a one-line
+        CorruptFileError naming it."""
+        fix = "delete it; cached statistics are recomputed on the next run"
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+        except FileNotFoundError:
+            raise
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+            raise CorruptFileError(path, f"is truncated or not an .npz file ({error})", fix) from None
+        missing = {"mu", "sigma", "n"} - set(arrays)
+        if missing:
+            raise CorruptFileError(path, f"is not a FeatureStats file: it lacks {sorted(missing)}", fix)
+        try:
+            return cls(mu=arrays["mu"], sigma=arrays["sigma"], n=int(arrays["n"]))
+        except (TypeError, ValueError) as error:
+            raise CorruptFileError(path, f"holds invalid statistics ({error})", fix) from None
 
 
 class StreamingFeatureStats:
@@ -295,26 +300,26 @@ class StreamingFeatureStats:
         return FeatureStats(mu=self._mean.copy(), sigma=self._centred_outer / (self.n - 1), n=self.n)
 
     def save(self, path: str | os.PathLike) -> None:
-        """The running state (not just mean and covariance), so a later call can continue the same stream."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp.npz")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                np.savez(handle, n=np.int64(self.n), mean=self._mean, centred_outer=self._centred_outer)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """The running state (not just mean and covariance), so a later call can continue the same stream;
+        published whole like every file the project writes."""
+        with publishing_file(path) as temporary, open(temporary, "wb") as handle:
+            np.savez(handle, n=np.int64(self.n), mean=self._mean, centred_outer=self._centred_outer)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "StreamingFeatureStats":
-        with np.load(path, allow_pickle=False) as data:
-            if {"n", "mean", "centred_outer"} - set(data.files):
-                raise ValueError(f"{path} is not a saved feature stream; delete it to start the stream again")
-            running = cls(int(data["mean"].shape[0]))
-            running.n = int(data["n"])
-            running._mean = data["mean"].astype(np.float64)
-            running._centred_outer = data["centred_outer"].astype(np.float64)
+        fix = "delete it; the stream starts again"
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+        except FileNotFoundError:
+            raise
+        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+            raise CorruptFileError(path, f"is truncated or not an .npz file ({error})", fix) from None
+        if {"n", "mean", "centred_outer"} - set(arrays):
+            raise CorruptFileError(path, "is not a saved feature stream", fix)
+        running = cls(int(arrays["mean"].shape[0]))
+        running.n = int(arrays["n"])
+        running._mean = arrays["mean"].astype(np.float64)
+        running._centred_outer = arrays["centred_outer"].astype(np.float64)
         return running
 

@@ -25,12 +25,13 @@ import json
 import math
 import numbers
 import os
-from pathlib import Path
 from typing import Mapping, Sequence, Union
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+from ant_ray.files import CorruptFileError, check_safetensors, publishing_file
 
 from .methods import build_merge_method
 
@@ -99,21 +100,27 @@ def save_task_vector(path: str | os.PathLike, base_state_dict: StateDict, finetu
     base_fingerprint = state_dict_fingerprint(base_state_dict)
     strings = _metadata_strings(metadata or {}, base_fingerprint)
     task_vector = compute_task_vector(base_state_dict, finetuned_state_dict)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({key: tensor.contiguous().cpu() for key, tensor in task_vector.items()}, str(path), metadata=strings)
+    tensors = {key: tensor.contiguous().cpu() for key, tensor in task_vector.items()}
+    with publishing_file(path) as temporary:  # `path` never holds half a file
+        save_file(tensors, str(temporary), metadata=strings)
     return strings
 
 
 def load_task_vector(path: str | os.PathLike, *, device: str | torch.device = "cpu"
                      ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tau state dict, metadata) from a file written by `save_task_vector`."""
-    with safe_open(str(path), framework="pt", device=str(device)) as handle:
-        metadata = dict(handle.metadata() or {})
-        if metadata.get("format") != TASK_VECTOR_FORMAT:
-            raise ValueError(f"{path} is not a task vector file written by save_task_vector "
-                             f"(metadata format={metadata.get('format')!r}, expected {TASK_VECTOR_FORMAT!r})")
-        task_vector = {key: handle.get_tensor(key) for key in handle.keys()}
+    """(tau state dict, metadata) from a file written by `save_task_vector`. A truncated or garbage file is a
+    one-line CorruptFileError naming it."""
+    fix = "delete it and re-run the pipeline, which writes it again"
+    check_safetensors(path, fix=fix)
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as handle:
+            metadata = dict(handle.metadata() or {})
+            if metadata.get("format") != TASK_VECTOR_FORMAT:
+                raise ValueError(f"{path} is not a task vector file written by save_task_vector "
+                                 f"(metadata format={metadata.get('format')!r}, expected {TASK_VECTOR_FORMAT!r})")
+            task_vector = {key: handle.get_tensor(key) for key in handle.keys()}
+    except SafetensorError as error:
+        raise CorruptFileError(path, f"cannot be read as safetensors ({error})", fix) from None
     return task_vector, metadata
 
 

@@ -8,12 +8,16 @@ loops is derived from (seed, step, rank), so the step alone restores the data or
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from ant_ray.files import CorruptFileError, publishing_folder, read_json, read_safetensors
+
+_TENSOR_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
+_REQUIRED_FILES = _TENSOR_FILES + ("state.json",)
 
 
 def _contiguous(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -46,38 +50,40 @@ def optimizer_from_tensors(optimizer: torch.optim.Optimizer, tensors: dict[str, 
 def save_training_state(folder: str | Path, *, model: torch.nn.Module, ema: torch.nn.Module,
                         optimizer: torch.optim.Optimizer, step: int, extra: dict | None = None,
                         extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write atomically: into a sibling temp folder first, then rename, so a crash never leaves half a checkpoint."""
+    """Write into a sibling temporary folder, then publish it whole (`ant_ray.files.publishing_folder`): a crash
+    never leaves half a checkpoint at `folder`, and a previous checkpoint there stays until the new one replaces
+    it."""
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(_contiguous(model.state_dict()), tmp / "model.safetensors")
-    save_file(_contiguous(ema.state_dict()), tmp / "ema.safetensors")
-    opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
-    save_file(opt_tensors, tmp / "optimizer.safetensors")
-    if extra_tensors:
-        save_file(_contiguous(extra_tensors), tmp / "extra.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, "extra": extra or {}}))
-    if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        os.replace(folder, old)
-        os.replace(tmp, folder)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        os.replace(tmp, folder)
+    with publishing_folder(folder) as temporary:
+        save_file(_contiguous(model.state_dict()), temporary / "model.safetensors")
+        save_file(_contiguous(ema.state_dict()), temporary / "ema.safetensors")
+        opt_tensors, opt_meta = optimizer_to_tensors(optimizer)
+        save_file(opt_tensors, temporary / "optimizer.safetensors")
+        if extra_tensors:
+            save_file(_contiguous(extra_tensors), temporary / "extra.safetensors")
+        (temporary / "state.json").write_text(json.dumps({"step": step, "optimizer": opt_meta, "extra": extra or {}}))
     return folder
 
 
 def load_training_state(folder: str | Path, *, model: torch.nn.Module, ema: torch.nn.Module,
                         optimizer: torch.optim.Optimizer, device: torch.device | str = "cpu") -> dict:
-    """Restore in place; returns the JSON state (`step`, `extra`) and `extra_tensors` if any were saved."""
+    """Restore in place; returns the JSON state (`step`, `extra`) and `extra_tensors` if any were saved.
+
+    Every file is checked before anything is restored: a missing, truncated or garbage one is a one-line
+    CorruptFileError naming it, and the model and optimizer are then left as they were."""
     folder = Path(folder)
-    meta = json.loads((folder / "state.json").read_text())
-    model.load_state_dict(load_file(folder / "model.safetensors", device=str(device)))
-    ema.load_state_dict(load_file(folder / "ema.safetensors", device=str(device)))
-    optimizer_from_tensors(optimizer, load_file(folder / "optimizer.safetensors", device=str(device)),
-                           meta["optimizer"])
+    fix = "delete this checkpoint folder (or the run's whole folder) and re-run"
+    for name in _REQUIRED_FILES:
+        if not (folder / name).is_file():
+            raise CorruptFileError(folder / name, "is missing: the folder is not a training checkpoint", fix)
+    meta = read_json(folder / "state.json", fix=fix)
+    if not isinstance(meta.get("step"), int) or not isinstance(meta.get("optimizer"), dict):
+        raise CorruptFileError(folder / "state.json", "lacks 'step' (an integer) or 'optimizer'", fix)
     extra_path = folder / "extra.safetensors"
-    meta["extra_tensors"] = load_file(extra_path, device=str(device)) if extra_path.exists() else {}
+    tensors = {name: read_safetensors(folder / name, device=str(device), fix=fix)
+               for name in _TENSOR_FILES + (("extra.safetensors",) if extra_path.exists() else ())}
+    model.load_state_dict(tensors["model.safetensors"])
+    ema.load_state_dict(tensors["ema.safetensors"])
+    optimizer_from_tensors(optimizer, tensors["optimizer.safetensors"], meta["optimizer"])
+    meta["extra_tensors"] = tensors.get("extra.safetensors", {})
     return meta
