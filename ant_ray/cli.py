@@ -186,7 +186,9 @@ def _print_table(compute: Callable[[], str],
                  errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)) -> int:
     """Run a command and print its result table; an error of the given kinds (bad input found by the stage itself)
     is printed as one line with exit status 2 instead of a traceback."""
+    from ant_ray.search.outcome import SearchStageFailed
     from ant_ray.stages.ray_logs import quiet_driver_logs
+    from ant_ray.stages.ray_train import TrainingRunFailed
 
     quiet_driver_logs()
     try:
@@ -194,6 +196,10 @@ def _print_table(compute: Callable[[], str],
     except errors as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except (TrainingRunFailed, SearchStageFailed, FloatingPointError) as err:
+        # a run that diverged, a stage none of whose trials finished: one line, the details are in MLflow
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         _stop_ray()
     print()

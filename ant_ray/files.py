@@ -217,3 +217,18 @@ def read_safetensors(path: str | os.PathLike, *, device: str = "cpu", fix: str =
         return load_file(str(path), device=device)
     except SafetensorError as error:
         raise CorruptFileError(path, f"cannot be read as safetensors ({error})", fix) from None
+
+
+def check_output_dir(path: str | os.PathLike) -> None:
+    """`output_dir` must be a folder this process can write (or be creatable): a one-line ValueError otherwise,
+    before anything is written."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise ValueError(f"output_dir {path} is not a folder ({existing} is a file); pass --output-dir with a "
+                         "folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"output_dir {path} is not writable ({existing} is read-only for this user); pass "
+                         "--output-dir with a writable folder")

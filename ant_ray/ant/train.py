@@ -54,12 +54,13 @@ from ant_ray.ant.clustering import cluster_of_timestep
 from ant_ray.config import ANTConfig, PipelineConfig
 from ant_ray.data import iterate_batches, load_dataset
 from ant_ray.diffusion import (NoiseSchedule, build_model, build_weighting, diffusion_loss, load_model,
-                               model_denoiser, save_model)
+                               model_denoiser, model_is_complete, save_model)
 from ant_ray.mtl import MTLMethod, build_mtl_method, flat_grad, flatten_grads, write_flat_grad
 from ant_ray.tracking import TrackedRun, loss_curve_figure
 from ant_ray.evaluation import EvaluationPlan, score_merged_states
-from ant_ray.training import (AUTOCAST_DTYPES, DivergenceGuard, TrainingDiverged, load_training_state,
-                              progress_line, save_training_state, step_generator, step_seed, update_ema, worker_device)
+from ant_ray.training import (AUTOCAST_DTYPES, DivergenceGuard, TrainingDiverged, any_rank_diverged,
+                              load_training_state, progress_line, save_training_state, step_generator, step_seed,
+                              update_ema, worker_device)
 
 TIMESTEP_SAMPLING = ("uniform", "stratified")
 _MTL_PREFIX = "mtl."  # key prefix of the MTL method's tensors in the checkpoint's extra.safetensors
@@ -352,6 +353,7 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
     per_rank = ant.batch_size // world
     guard = DivergenceGuard("ant", tolerate_skipped_steps=scaler.is_enabled())
+    diverged: str | None = None
     plan = EvaluationPlan.from_dump(loop_config.get("evaluation"))
     scorer = plan.scorer(cfg, device) if plan is not None and rank == 0 else None
     last_fid: float | None = None
@@ -392,14 +394,21 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         t_all = sample_cluster_timesteps(ant.batch_size, intervals, ant.timestep_sampling, gen)
         noise_all = torch.randn((ant.batch_size, *data.images.shape[1:]), generator=gen)
         mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        stats = step_fn(data.images[idx].to(device), t_all[mine].to(device), noise_all[mine].to(device),
-                        cluster_counts(step_fn.cluster_ids(t_all), ant.k), step)
+        try:
+            stats = step_fn(data.images[idx].to(device), t_all[mine].to(device), noise_all[mine].to(device),
+                            cluster_counts(step_fn.cluster_ids(t_all), ant.k), step)
+        except TrainingDiverged as err:  # non-finite per-cluster gradients (the same on every rank: all-reduced)
+            diverged = str(err)
         update_ema(ema, model, ant.ema_decay)
         images_seen += ant.batch_size
         done = step + 1
         last = done == ant.steps
-        if done % 10 == 0 or done % ant.log_every == 0 or last:
-            guard.check(float(stats.mean_loss), done)  # periodic: a float() syncs the device
+        # Periodic (a float() syncs the device); at once after non-finite gradients, which every rank saw alike.
+        if diverged or done % 10 == 0 or last:
+            diverged = diverged or guard.check(float(stats.mean_loss), done)
+            if any_rank_diverged(diverged, world, device):  # every rank stops at the same step, nothing is saved
+                ray.train.report({"step": done, "diverged": 1})
+                return {"diverged": diverged or "another worker's loss diverged"} if rank == 0 else None
 
         if last and rank == 0:
             # Saved before the final report: a scheduler may stop the trial as soon as it sees that result.
@@ -433,7 +442,7 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if rank != 0:
         return None
     ema_dir, model_dir = output_dir / "ema", output_dir / "model"
-    if start_step >= ant.steps and not (ema_dir / "config.json").is_file():
+    if start_step >= ant.steps and not model_is_complete(ema_dir):
         save_model(ema, ema_dir)
         save_model(model, model_dir)
     if run is not None and history:

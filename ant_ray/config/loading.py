@@ -13,13 +13,13 @@ from ant_ray.config.pipeline import PipelineConfig
 from ant_ray.config.sections import ConfigError
 
 
-def _parse_value(item: str, text: str) -> Any:
+def _parse_value(key: str, text: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"--set {item!r}: the value is not valid YAML ({problem}); quote it, e.g. "
-                          f"--set 'key=\"{text}\"' or --set 'key=[1, 2]'") from None
+        raise ConfigError(f"{key.strip()}: the value {text!r} given with --set is not valid YAML ({problem}); quote "
+                          f"it, e.g. --set '{key.strip()}=\"{text}\"'") from None
 
 
 _DISTRIBUTION_FIELDS = {"type", "low", "high", "step", "log", "choices"}
@@ -46,14 +46,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set expects key=value, got {item!r} (e.g. --set pretrain.steps=200)")
         key, value = item.split("=", 1)
         if not key.strip() or any(not part for part in key.strip().split(".")):
-            raise ConfigError(f"--set {item!r}: {key!r} is not a dotted field name (e.g. --set pretrain.steps=200)")
+            raise ConfigError(f"--set {item!r}: the key is empty or has an empty part; write a dotted field name, "
+                              "e.g. --set pretrain.steps=200")
         node = raw
         parts = _split_key(key)
         for part in parts[:-1]:
             child = node.get(part)
             node[part] = dict(child) if isinstance(child, dict) else {}
             node = node[part]
-        node[parts[-1]] = _parse_value(item, value)
+        node[parts[-1]] = _parse_value(key, value)
     return raw
 
 

@@ -42,6 +42,10 @@ class PipelineConfig(Section):
             raise ValueError(f"finetune.num_specialists ({self.finetune.num_specialists}) cannot exceed diffusion.T")
         if self.ant.k > T:
             raise ValueError(f"ant.k ({self.ant.k}) cannot exceed diffusion.T ({T})")
+        k, low, high = self.ant.k, self.ant.min_size, self.ant.max_size
+        if (low is not None and k * low > T) or (high is not None and k * high < T):
+            raise ValueError(f"ant.min_size / ant.max_size ({low} / {high}) leave no way to split diffusion.T ({T}) "
+                             f"into ant.k ({k}) intervals: k x min_size must be <= T <= k x max_size")
         if self.finetune.ranges is not None and (self.finetune.ranges[0][0] != 0 or self.finetune.ranges[-1][1] != T):
             raise ValueError(f"finetune.ranges must cover [0, {T}) exactly, got {self.finetune.ranges}")
         if self.search is not None:

@@ -141,6 +141,10 @@ class TrainingStageSearch(Section):
     eval_every: Optional[int] = Field(None, ge=1)  # steps between FID reports; None: FID at the last step only
     num_samples: Optional[int] = Field(None, ge=2)  # FID samples per report; None: fid.num_samples
     resources: TrialResources = TrialResources(cpu=0.05)
+    # Faults: a trial's Ray Train run restarts from its last checkpoint up to train_max_failures times (a lost
+    # worker or node); a trial whose own process is lost is retried up to trial_max_failures times.
+    train_max_failures: int = Field(2, ge=0)
+    trial_max_failures: int = Field(1, ge=0)
 
     @model_validator(mode="after")
     def _own_checks(self) -> "TrainingStageSearch":
@@ -192,6 +196,7 @@ class MergeStageSearch(Section):
     searcher: SearcherConfig = SearcherConfig()
     max_concurrent: int = Field(2, ge=1)
     resources: TrialResources = TrialResources(cpu=1.0)
+    trial_max_failures: int = Field(1, ge=0)  # retries of a candidate whose trial process was lost
 
     @model_validator(mode="after")
     def _own_checks(self) -> "MergeStageSearch":

@@ -13,7 +13,24 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf / nan are never a sensible setting, and JSON (MLflow params, the saved config) cannot hold them
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+def _plain_json(value: Any, where: str) -> Any:
+    """Only what JSON holds exactly (the config is logged and saved as JSON): numbers, strings, booleans, null,
+    lists and string-keyed mappings of those."""
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"{where} holds {value}; use a finite number")
+        return value
+    if isinstance(value, list):
+        return [_plain_json(v, where) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _plain_json(v, where) for k, v in value.items()}
+    raise ValueError(f"{where} holds a {type(value).__name__} ({value!r}); use numbers, strings, booleans or lists")
 
 
 class TrackingConfig(Section):
@@ -164,9 +181,10 @@ class ANTConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _known_method(self) -> "ANTConfig":
-        from ant_ray.mtl import MTL_METHODS
+        from ant_ray.mtl import build_mtl_method
 
-        MTL_METHODS.get(self.method)  # raises listing the choices
+        _plain_json(self.method_options, "ant.method_options")
+        build_mtl_method(self.method, self.k, self.method_options)  # raises naming a bad method or option
         if self.min_size is not None and self.max_size is not None and self.min_size > self.max_size:
             raise ValueError("ant.min_size must be <= ant.max_size")
         return self

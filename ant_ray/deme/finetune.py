@@ -37,7 +37,7 @@ from ant_ray.diffusion import (NoiseSchedule, build_model, build_weighting, load
                                per_sample_loss, sample_images, save_model, weighted_loss)
 from ant_ray.evaluation import EvaluationPlan, score_merged_states
 from ant_ray.tracking import TrackedRun, loss_curve_figure
-from ant_ray.training import (AUTOCAST_DTYPES, DivergenceGuard, load_training_state, progress_line,
+from ant_ray.training import (AUTOCAST_DTYPES, DivergenceGuard, any_rank_diverged, load_training_state, progress_line,
                               save_training_state, step_generator, step_seed, update_ema, worker_device)
 
 
@@ -102,6 +102,7 @@ def train_diffusion(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     autocast_dtype = AUTOCAST_DTYPES[train.mixed_precision]
     scaler = torch.amp.GradScaler(device.type, enabled=train.mixed_precision == "fp16")
     guard = DivergenceGuard(section, tolerate_skipped_steps=scaler.is_enabled())
+    diverged: str | None = None
 
     start_step, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -168,7 +169,11 @@ def train_diffusion(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             with (ddp_model.no_sync() if per_model > 1 and k < train.grad_accumulation - 1 else nullcontext()):
                 scaler.scale(loss / train.grad_accumulation).backward()
             step_loss += loss.item() / train.grad_accumulation
-        guard.check(step_loss, step + 1)  # raises TrainingDiverged on a non-finite loss the scaler cannot absorb
+        diverged = diverged or guard.check(step_loss, step + 1)  # a non-finite loss the scaler cannot absorb
+        if (step + 1) % 10 == 0 or step + 1 == train.steps:
+            if any_rank_diverged(diverged, world, device):  # every rank stops at the same step, nothing is saved
+                ray.train.report({"step": step + 1, "diverged": 1})
+                return {"diverged": diverged or "another worker group's loss diverged"} if rank == 0 else None
         if train.grad_clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)

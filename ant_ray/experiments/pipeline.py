@@ -28,7 +28,8 @@ from ant_ray.stages.deme_finetune import finetune_specialists
 from ant_ray.stages.evaluate import score_in_parallel
 from ant_ray.stages.pretrain import pretrained_model
 from ant_ray.stages.ray_runtime import start_ray
-from ant_ray.tracking import TrackedRun, setup_experiment, tracking_env, ui_command
+from ant_ray.files import check_output_dir
+from ant_ray.tracking import TrackedRun, check_tracking_store, setup_experiment, tracking_env, ui_command
 
 
 @dataclass
@@ -112,6 +113,8 @@ def run_pipeline(cfg: PipelineConfig, *, parent_run_id: str | None = None,
     interrupted ones continue from their last checkpoint, and the merge search runs again."""
     started = time.time()
     check_inputs(cfg)
+    check_output_dir(cfg.output_path())
+    check_tracking_store(cfg.tracking_uri())
     out = cfg.output_path()
     cache_dir = out / "cache" / "fid"
     run_dir, run_key = _prepare_run_dir(cfg, resume)
@@ -226,8 +229,11 @@ def run_pipeline(cfg: PipelineConfig, *, parent_run_id: str | None = None,
         pipeline.log_text(run_dir / "summary.txt", result.table())
         finish(pipeline)
         return result
-    except BaseException:
-        # Mark what was running as failed; finished runs, checkpoints and cached models stay as they are.
+    except BaseException as err:
+        # Mark what was running as failed, with the reason; finished runs, checkpoints and cached models stay.
+        status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
         for run in reversed(open_runs):
-            run.finish("FAILED")
+            run.set_tags({"ant_ray.failure": f"{type(err).__name__}: {err}"[:500]})
+            run.finish(status)
+        _log(f"run stopped ({type(err).__name__}); continue it with: ant-ray run CONFIG --resume {run_dir}")
         raise

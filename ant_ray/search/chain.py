@@ -34,7 +34,8 @@ from ant_ray.search.training_stage import run_training_stage
 from ant_ray.search.tune_runs import StageSetup, log_line
 from ant_ray.stages.evaluate import score_with_seeds
 from ant_ray.stages.ray_runtime import start_ray
-from ant_ray.tracking import TrackedRun, setup_experiment, tracking_env
+from ant_ray.files import check_output_dir
+from ant_ray.tracking import TrackedRun, check_tracking_store, setup_experiment, tracking_env
 
 STATE_FILE = "state.json"
 
@@ -136,6 +137,8 @@ def run_search(cfg: PipelineConfig, *, resume: Path | None = None,
                log: Callable[[str], None] = log_line) -> SearchResult:
     started = time.time()
     check_search_inputs(cfg)
+    check_output_dir(cfg.output_path())
+    check_tracking_store(cfg.tracking_uri())  # an unreachable server fails here, in seconds, not after minutes
     search_dir, state = prepare_search_dir(cfg, resume)
     log(f"search folder: {search_dir}")
     uri = cfg.tracking_uri()
@@ -243,7 +246,8 @@ def _merge(cfg: PipelineConfig, setup: StageSetup, deme: StageOutcome | None) ->
         base, task_vectors = Path(settings.base_model), [Path(p) for p in settings.task_vectors]
     plan = MergePlan(fidelities=settings.fidelities, num_candidates=settings.num_candidates,
                      reduction_factor=settings.reduction_factor, searcher=settings.searcher,
-                     max_concurrent=settings.max_concurrent, cpu=settings.resources.cpu, gpu=settings.resources.gpu)
+                     max_concurrent=settings.max_concurrent, cpu=settings.resources.cpu, gpu=settings.resources.gpu,
+                     trial_max_failures=settings.trial_max_failures)
     return run_merge_stage(setup, base_model=base, task_vectors=task_vectors, plan=plan, merge=cfg.merge_search)
 
 

@@ -46,6 +46,7 @@ class MergePlan:
     max_concurrent: int
     cpu: float
     gpu: float
+    trial_max_failures: int = 1
 
 
 def parameter_names(n: int, groups: list[str] | None) -> list[str]:
@@ -171,7 +172,7 @@ def _run_rung(setup: StageSetup, context: MergeContext, plan: MergePlan, stage_d
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples,
                                     max_concurrent_trials=plan.max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=str(stage_dir / "tune"), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=1),
+                                  failure_config=tune.FailureConfig(max_failures=plan.trial_max_failures),
                                   callbacks=[TrialStatusPrinter(f"merge {name}", metric, fidelity, setup.log,
                                                                 step_key="samples")]))
     trials = []

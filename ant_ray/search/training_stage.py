@@ -17,7 +17,7 @@ from ray import tune
 
 from ant_ray.config import PipelineConfig, TrainingStageSearch
 from ant_ray.deme.projection import add_channel_projections
-from ant_ray.diffusion import load_model, save_model
+from ant_ray.diffusion import PRESETS, load_model, model_is_complete, save_model
 from ant_ray.evaluation import EvaluationPlan, metric_name
 from ant_ray.search.callbacks import TrialStatusPrinter, TrialTracker, trial_folder
 from ant_ray.search.outcome import SearchStageFailed, StageOutcome, count_fates, fate, finite
@@ -56,7 +56,7 @@ def _deme_base(setup: StageSetup, stage_dir: Path, ant_winner: dict | None) -> s
     cfg = setup.cfg
     if ant_winner is not None:
         base = Path(ant_winner["model"])
-    elif (Path(cfg.model.base) / "config.json").is_file():
+    elif cfg.model.base not in PRESETS:  # a model folder (checked before the search started)
         base = Path(cfg.model.base)
     else:
         pre_run = TrackedRun.start(setup.tracking_uri, setup.experiment_id, "pretrain",
@@ -67,7 +67,7 @@ def _deme_base(setup: StageSetup, stage_dir: Path, ant_winner: dict | None) -> s
         pre_run.finish()
     if cfg.finetune.channel_projection:
         projected_dir = stage_dir / "base_with_projections"
-        if not (projected_dir / "config.json").is_file():
+        if not model_is_complete(projected_dir):
             save_model(add_channel_projections(load_model(base), places=cfg.finetune.projection_places), projected_dir)
         base = projected_dir
     return str(base)
@@ -103,7 +103,7 @@ def run_training_stage(stage: str, setup: StageSetup, *, ant_winner: dict | None
         stage=stage, cfg_dump=cfg_dump, search_dir=str(setup.search_dir), stage_dir=str(stage_dir),
         tracking_uri=setup.tracking_uri, experiment_id=setup.experiment_id, stage_run_id=setup.stage_run.run_id,
         metric=metric, num_samples=num_samples, eval_every=settings.eval_every, cache_dir=str(
-            cfg.output_path() / "cache" / "fid"), **context_args)
+            cfg.output_path() / "cache" / "fid"), train_max_failures=settings.train_max_failures, **context_args)
 
     trainable = tune.with_resources(tune.with_parameters(TRIAL_FUNCTIONS[stage], context=context),
                                     {"cpu": settings.resources.cpu, "gpu": settings.resources.gpu})
@@ -128,7 +128,7 @@ def run_training_stage(stage: str, setup: StageSetup, *, ant_winner: dict | None
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=trials,
                                     max_concurrent_trials=settings.max_concurrent, reuse_actors=True),
         run_config=tune.RunConfig(name="tune", storage_path=str(stage_dir), verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=1),
+                                  failure_config=tune.FailureConfig(max_failures=settings.trial_max_failures),
                                   callbacks=[TrialTracker(setup.tracking_uri, stage_dir, metric, steps),
                                              TrialStatusPrinter(stage, metric, steps, setup.log)]))
     per_eval = num_samples

@@ -57,6 +57,7 @@ class TrainingStageContext:
     ant_intervals: list | None = None  # deme with ranges "ant": the ant winner's intervals
     merge: str = "task_arithmetic"
     merge_candidates: int = 0
+    train_max_failures: int = 0  # restarts of the trial's Ray Train run from its last checkpoint
 
 
 def _open_trial_run(folder: Path, tracking_uri: str, experiment_id: str, parent_run_id: str, name: str,
@@ -155,7 +156,7 @@ def ant_trial(config: dict[str, Any], *, context: TrainingStageContext) -> None:
                          loop={"intervals": [list(iv) for iv in intervals], "init_model": cfg.ant.init_model,
                                "output_dir": str(folder), "tracking": train_run.handle(), "seed": cfg.seed,
                                "evaluation": plan.dump()},
-                         callbacks=[ScoreReportCallback(context.metric)])
+                         callbacks=[ScoreReportCallback(context.metric)], max_failures=context.train_max_failures)
     except TrainingRunFailed as err:
         if not err.diverged:
             raise
@@ -202,7 +203,8 @@ def deme_trial(config: dict[str, Any], *, context: TrainingStageContext) -> None
         result = finetune_specialists(cfg, base_model=Path(context.base_model), ranges=ranges, run_dir=folder,
                                       name=f"deme-{trial_id}", trackings=[r.handle() for r in train_runs],
                                       evaluation=plan, callbacks=[ScoreReportCallback(context.metric)],
-                                      storage=Path(context.search_dir) / "train")
+                                      storage=Path(context.search_dir) / "train",
+                                      max_failures=context.train_max_failures)
     except TrainingRunFailed as err:
         if not err.diverged:
             raise

@@ -34,7 +34,8 @@ from ant_ray.stages.ray_runtime import start_ray
 from ant_ray.stages.evaluate import score_in_parallel
 from ant_ray.deme.finetune import train_diffusion
 from ant_ray.stages.ray_train import fit
-from ant_ray.tracking import TrackedRun, setup_experiment, tracking_env, ui_command
+from ant_ray.files import check_output_dir
+from ant_ray.tracking import TrackedRun, check_tracking_store, setup_experiment, tracking_env, ui_command
 
 
 @dataclass
@@ -189,6 +190,8 @@ def run_ant(cfg: PipelineConfig, *, resume_from: str | Path | None = None, score
     if resume_from is not None and not (Path(resume_from) / "state.json").is_file():
         raise FileNotFoundError(f"resume_from={str(resume_from)!r} is not a checkpoint folder (no state.json)")
     out = cfg.output_path()
+    check_output_dir(out)
+    check_tracking_store(cfg.tracking_uri())
     run_key = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     name = f"{cfg.name}-ant-{run_key}"
     run_dir = out / "runs" / name

@@ -15,7 +15,7 @@ import ray
 
 from ant_ray.config import PipelineConfig
 from ant_ray.deme.finetune import train_diffusion
-from ant_ray.diffusion import load_model
+from ant_ray.diffusion import load_model, model_is_complete
 from ant_ray.evaluation import EvaluationPlan
 from ant_ray.merge import save_task_vector, state_dict_fingerprint
 from ant_ray.stages.ray_train import fit
@@ -35,13 +35,10 @@ def finetune_seed(cfg: PipelineConfig) -> int:
     return cfg.finetune.seed if cfg.finetune.seed is not None else cfg.seed + 1
 
 
-def model_is_complete(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
-
-
 def finetune_specialists(cfg: PipelineConfig, *, base_model: Path, ranges: Sequence[tuple[int, int]], run_dir: Path,
                          name: str, trackings: Sequence[dict | None], evaluation: EvaluationPlan | None = None,
-                         callbacks: Sequence[Any] = (), storage: Path | None = None) -> SpecialistsResult:
+                         callbacks: Sequence[Any] = (), storage: Path | None = None,
+                         max_failures: int = 0) -> SpecialistsResult:
     """Train the specialists (resuming the run ``name`` under ``storage`` if it was interrupted; skipped when every
     specialist's model is already saved) and write their task vectors into ``run_dir/task_vectors``."""
     outputs = [run_dir / "finetune" / f"specialist_{i}" / "model" for i in range(len(ranges))]
@@ -54,7 +51,8 @@ def finetune_specialists(cfg: PipelineConfig, *, base_model: Path, ranges: Seque
         loop = {"pipeline": cfg.worker_dump(), "section": "finetune", "name": name, "models": models,
                 "evaluation": evaluation.dump() if evaluation is not None else None}
         result = fit(train_diffusion, loop, name=name, storage=storage or cfg.output_path() / "ray_results",
-                     resources=cfg.finetune.resources, models=len(models), callbacks=callbacks)
+                     resources=cfg.finetune.resources, models=len(models), callbacks=callbacks,
+                     max_failures=max_failures)
         summary = result.return_value or {}
 
     base_state = load_model(base_model).state_dict()

@@ -10,16 +10,15 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
 from ant_ray.config import PipelineConfig
 from ant_ray.deme.finetune import train_diffusion
-from ant_ray.diffusion import load_model
+from ant_ray.diffusion import load_model, model_is_complete
+from ant_ray.files import publishing_folder
 from ant_ray.stages.ray_train import fit
 from ant_ray.training import check_finite_weights
 
@@ -54,25 +53,20 @@ def cache_lock(entry: Path) -> Iterator[None]:
 
 
 def publish_folder(source: Path, target: Path) -> Path:
-    """Copy ``source`` to ``target`` through a private temporary folder and one rename, so no reader ever sees a
-    half-copied folder and concurrent publishers never share a temporary name."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        shutil.copytree(source, tmp, dirs_exist_ok=True)
-        os.rename(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """Copy ``source`` to ``target`` whole (a private temporary folder, then one rename): no reader ever sees a
+    half-copied model."""
+    with publishing_folder(target) as temporary:
+        shutil.copytree(source, temporary, dirs_exist_ok=True)
     return target
 
 
 def pretrained_model(cfg: PipelineConfig, *, run_dir: Path, tracking: dict | None) -> tuple[Path, bool]:
     """The pretrained base model folder, trained now or reused from the cache. Returns (folder, reused)."""
     cached = cached_pretrained_path(cfg)
-    if (cached / "config.json").is_file():
+    if model_is_complete(cached):
         return cached, True
     with cache_lock(cached):
-        if (cached / "config.json").is_file():  # another run built it while this one waited
+        if model_is_complete(cached):  # another run built it while this one waited
             return cached, True
         out = run_dir / "pretrain" / "model"
         model = {"range": None, "init_model": None, "teacher_model": None, "output_model": str(out),

@@ -76,4 +76,7 @@ def fit(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], *, name: s
     if result.error is not None:  # local mode (num_workers 0) reports instead of raising
         reason, diverged = failure_reason(result.error)
         raise TrainingRunFailed(name, reason, diverged) from result.error
+    if isinstance(result.return_value, dict) and result.return_value.get("diverged"):
+        # the loop stopped itself (an exception would have made Ray Train restart it, only to diverge again)
+        raise TrainingRunFailed(name, result.return_value["diverged"], diverged=True)
     return result
