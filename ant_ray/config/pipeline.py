@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from ant_ray.config.search import STAGE_SECTION, UNSEARCHABLE, SearchConfig, TrainingStageSearch
 from ant_ray.config.sections import (ANTConfig, ComparisonConfig, DataConfig, DiffusionConfig, FIDConfig,
@@ -19,18 +19,18 @@ class PipelineConfig(Section):
     seed: int = 0
     output_dir: str = "ant_ray_runs"
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    tracking: TrackingConfig = TrackingConfig()
-    ray: RayConfig = RayConfig()
-    data: DataConfig = DataConfig()
-    diffusion: DiffusionConfig = DiffusionConfig()
-    model: ModelConfig = ModelConfig()
-    sampler: SamplerConfig = SamplerConfig()
-    fid: FIDConfig = FIDConfig()
-    pretrain: TrainConfig = TrainConfig()
-    finetune: FinetuneConfig = FinetuneConfig()
-    merge_search: MergeSearchConfig = MergeSearchConfig()
-    ant: ANTConfig = ANTConfig()
-    comparison: ComparisonConfig = ComparisonConfig()
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    fid: FIDConfig = Field(default_factory=FIDConfig)
+    pretrain: TrainConfig = Field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    merge_search: MergeSearchConfig = Field(default_factory=MergeSearchConfig)
+    ant: ANTConfig = Field(default_factory=ANTConfig)
+    comparison: ComparisonConfig = Field(default_factory=ComparisonConfig)
     search: Optional[SearchConfig] = None  # `ant-ray search`: what to search, per stage (config/search.py)
 
     @model_validator(mode="after")

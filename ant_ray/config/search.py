@@ -136,8 +136,8 @@ class TrainingStageSearch(Section):
     space: dict[str, Distribution] = Field(default_factory=dict)
     num_trials: Optional[int] = Field(None, ge=1)  # default 8; the grid searcher runs every point once instead
     max_concurrent: int = Field(2, ge=1)
-    searcher: SearcherConfig = SearcherConfig()
-    scheduler: SchedulerConfig = SchedulerConfig()
+    searcher: SearcherConfig = Field(default_factory=SearcherConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     eval_every: Optional[int] = Field(None, ge=1)  # steps between FID reports; None: FID at the last step only
     num_samples: Optional[int] = Field(None, ge=2)  # FID samples per report; None: fid.num_samples
     resources: TrialResources = TrialResources(cpu=0.05)
@@ -193,7 +193,7 @@ class MergeStageSearch(Section):
     fidelities: list[int] = Field(default_factory=lambda: [1000, 2500, 5000], min_length=1)
     num_candidates: int = Field(16, ge=1)  # scored at fidelities[0], the anchors included
     reduction_factor: float = Field(3.0, gt=1)
-    searcher: SearcherConfig = SearcherConfig()
+    searcher: SearcherConfig = Field(default_factory=SearcherConfig)
     max_concurrent: int = Field(2, ge=1)
     resources: TrialResources = TrialResources(cpu=1.0)
     trial_max_failures: int = Field(1, ge=0)  # retries of a candidate whose trial process was lost
@@ -220,7 +220,7 @@ class SearchConfig(Section):
     ant: Optional[ANTStageSearch] = None
     deme: Optional[DeMeStageSearch] = None
     merge: Optional[MergeStageSearch] = None
-    final: FinalScoreConfig = FinalScoreConfig()
+    final: FinalScoreConfig = Field(default_factory=FinalScoreConfig)
 
     def stages(self) -> list[str]:
         return [s for s in STAGES if getattr(self, s) is not None]

@@ -115,7 +115,7 @@ class TrainConfig(Section):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     grad_accumulation: int = Field(1, ge=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    weighting: WeightingConfig = WeightingConfig()
+    weighting: WeightingConfig = Field(default_factory=WeightingConfig)
 
     @field_validator("mixed_precision", mode="before")
     @classmethod
@@ -124,7 +124,7 @@ class TrainConfig(Section):
 
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(50, ge=1)
-    resources: ResourcesConfig = ResourcesConfig()
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
 
 class FinetuneConfig(TrainConfig):
@@ -176,7 +176,7 @@ class ANTConfig(TrainConfig):
     method: str = "uw"
     method_options: dict[str, Any] = Field(default_factory=dict)
     timestep_sampling: Literal["uniform", "stratified"] = "uniform"
-    affinity: AffinityConfig = AffinityConfig()
+    affinity: AffinityConfig = Field(default_factory=AffinityConfig)
     init_model: Optional[str] = None  # start from a diffusers folder instead of model.base
 
     @model_validator(mode="after")
@@ -202,7 +202,7 @@ class MergeSearchConfig(Section):
     weight_high: float = 1.5
     grid_step: float = Field(0.25, gt=0)  # DeMe Sec. 8: a coarse grid ...
     grid_fine_step: float = Field(0.05, gt=0)  # ... then a finer grid within one coarse step of the best
-    resources: ResourcesConfig = ResourcesConfig()
+    resources: ResourcesConfig = Field(default_factory=ResourcesConfig)
 
     @model_validator(mode="after")
     def _bounds(self) -> "MergeSearchConfig":

@@ -1,15 +1,23 @@
-"""Diffusion core: noise schedules, loss weightings, the training loss, samplers and model presets."""
+"""Diffusion core: noise schedules, loss weightings, the training loss, samplers and model presets.
 
-from .loss import Denoiser, diffusion_loss, per_sample_loss, prediction_target, weighted_loss
-from .models import (PRESETS, build_model, check_model_folder, count_parameters, load_model, model_is_complete,
-                     save_model)
-from .samplers import SAMPLERS, model_denoiser, routed_denoiser, sample_images, timestep_grid
-from .schedules import SCHEDULES, NoiseSchedule
-from .weightings import LOSS_WEIGHTINGS, PREDICTION_TARGETS, build_weighting
+Names load on first use (PEP 562), so that validating a config, which needs only the weightings, does not import
+diffusers."""
 
-__all__ = [
-    "Denoiser", "diffusion_loss", "weighted_loss", "per_sample_loss", "prediction_target", "PRESETS", "build_model",
-    "check_model_folder", "count_parameters", "load_model", "model_is_complete", "save_model", "SAMPLERS",
-    "model_denoiser", "routed_denoiser", "sample_images", "timestep_grid", "SCHEDULES", "NoiseSchedule",
-    "LOSS_WEIGHTINGS", "PREDICTION_TARGETS", "build_weighting",
-]
+import importlib
+
+_WHERE = {
+    ".loss": ["Denoiser", "diffusion_loss", "per_sample_loss", "prediction_target", "weighted_loss"],
+    ".models": ["PRESETS", "build_model", "check_model_folder", "count_parameters", "load_model", "model_is_complete",
+                "save_model"],
+    ".samplers": ["SAMPLERS", "model_denoiser", "routed_denoiser", "sample_images", "timestep_grid"],
+    ".schedules": ["SCHEDULES", "NoiseSchedule"],
+    ".weightings": ["LOSS_WEIGHTINGS", "PREDICTION_TARGETS", "build_weighting"],
+}
+_MODULE_OF = {name: module for module, names in _WHERE.items() for name in names}
+__all__ = list(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_MODULE_OF[name], __name__), name)
