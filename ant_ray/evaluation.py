@@ -32,6 +32,22 @@ def load_reference_dataset(cfg: PipelineConfig) -> ImageDataset:
                         channels=cfg.data.channels, limit=cfg.data.limit)
 
 
+_AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def in_precision(denoiser: Denoiser, precision: str) -> Denoiser:
+    """The network under autocast at ``precision``; the sampler's own arithmetic stays in float32."""
+    dtype = _AUTOCAST[precision]
+    if dtype is None:
+        return denoiser
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x_t.device.type, dtype=dtype):
+            return denoiser(x_t, t).float()
+
+    return denoise
+
+
 class FIDScorer:
     """Holds the feature extractor and reference statistics once; scores any denoiser (a model, a merged
     model, or DeMe's routed ensemble) with the same samples seed so that scores are comparable."""
@@ -50,6 +66,7 @@ class FIDScorer:
 
     def sample(self, denoiser: Denoiser, n: int, seed: int, batch_size: int | None = None) -> torch.Tensor:
         s = self.cfg.sampler
+        denoiser = in_precision(denoiser, s.precision)
         return torch.cat(list(sample_images(
             denoiser, self.schedule, n, shape=self.shape, sampler=s.name, steps=s.steps, eta=s.eta,
             target=self.cfg.diffusion.prediction, seed=seed, batch_size=batch_size or self.cfg.fid.batch_size,

@@ -83,6 +83,9 @@ class SamplerConfig(Section):
     name: Literal["ddim", "ddpm"] = "ddim"
     steps: int = Field(50, ge=1)
     eta: float = Field(0.0, ge=0.0, le=1.0)
+    # The network's precision while sampling (FID, sample grids): bf16/fp16 autocast is faster where the hardware
+    # supports it but moves FID a little; benchmarks/bench_sampling_precision.py measures whether it keeps rankings.
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 
 
 class FIDConfig(Section):

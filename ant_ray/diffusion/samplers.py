@@ -115,7 +115,9 @@ def model_denoiser(model: torch.nn.Module, *, autocast_dtype: torch.dtype | None
     """Wrap a diffusers UNet2DModel as a denoiser, optionally under autocast (bf16/fp16 on GPU)."""
 
     def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(x_t.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        if autocast_dtype is None:  # no autocast(enabled=False) here: it would switch off a caller's autocast
+            return model(x_t, t).sample
+        with torch.autocast(x_t.device.type, dtype=autocast_dtype):
             return model(x_t, t).sample
 
     return denoise

@@ -118,8 +118,8 @@ def run_merge_stage(setup: StageSetup, *, base_model: Path, task_vectors: list[P
             params_of[key] = trial["params"]
             ladder.record(rung, key, fidelity, trial["fid"])
             images += trial["images"]
-            rows.append({"candidate": key, "rung": rung, "samples": fidelity, **trial["params"],
-                         "fid": trial["fid"], "metric": metric})
+            rows.append({"candidate": key, "rung": rung, "samples": fidelity, "images": trial["images"],
+                         **trial["params"], "fid": trial["fid"], "metric": metric})
         setup.log(f"merge rung {rung}: {len(done['trials'])} candidates at {fidelity} samples, best {metric} "
                   f"{min(t['fid'] for t in done['trials']):.3f}")
 
