@@ -164,10 +164,11 @@ def ui_command(tracking_uri: str) -> str:
     return f"open {tracking_uri} (MLFLOW_TRACKING_URI) in a browser"
 
 
-def tracking_env(tracking_uri: str) -> dict[str, str]:
-    """Environment for the workers of a private local Ray: the URI and a quiet MLflow. Workers never need the URI
-    from here (tracking handles carry it); a joined cluster's workers get the job's runtime env instead."""
-    return {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
+def worker_env() -> dict[str, str]:
+    """Environment for the workers of a private local Ray: a quiet MLflow. Not the tracking URI: every worker gets
+    it in its tracking handle, so one Ray instance can serve runs that log to different stores (a joined cluster's
+    workers get the job's runtime env instead)."""
+    return {"MLFLOW_ENABLE_ASYNC_LOGGING": "false",
             "GIT_PYTHON_REFRESH": "quiet", **({"HOME": os.environ["HOME"]} if "HOME" in os.environ else {})}
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
-import ray
+
+from conftest import shared_ray
 import torch
 from mlflow.tracking import MlflowClient
 from ray.train import RunConfig, ScalingConfig
@@ -348,11 +348,8 @@ def test_cli_has_train_ant_and_checks_resume_folder(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def local_ray():
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    ray.shutdown()
-    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    shared_ray()
     yield
-    ray.shutdown()
 
 
 def assert_same_training(two: Path, one: Path) -> None:

@@ -53,10 +53,7 @@ def _tiny_comparison_config(tmp_path, *extra):
 def test_ant_comparison_runs_arms_concurrently_and_keeps_seed_order(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = _tiny_comparison_config(tmp_path)
-    try:
-        result = run_ant_comparison(cfg, [0, 1], report=tmp_path / "table.md")
-    finally:
-        ray.shutdown()
+    result = run_ant_comparison(cfg, [0, 1], report=tmp_path / "table.md")
     assert list(result.scores) == ["vanilla", "ANT-uw (timestep)"]
     client = MlflowClient(cfg.tracking_uri())
     experiment = client.get_experiment_by_name(cfg.tracking.experiment).experiment_id

@@ -2,22 +2,21 @@
 and exact resume from the run's joint checkpoint."""
 
 import pytest
-import ray
+
+from conftest import shared_ray
 import torch
 
 from ant_ray.config import load_config
 from ant_ray.deme.finetune import sample_timesteps
 from ant_ray.diffusion import build_model, load_model, save_model
-from ant_ray.stages.ray_runtime import start_ray
 from ant_ray.deme.finetune import train_diffusion
 from ant_ray.stages.ray_train import fit
 
 
 @pytest.fixture(scope="module")
 def ray_local():
-    start_ray(None, num_cpus=4)
+    shared_ray()
     yield
-    ray.shutdown()
 
 
 def _cfg(tmp_path, steps):

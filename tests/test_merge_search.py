@@ -2,7 +2,8 @@
 and successive halving over two fidelities with Optuna, TIES and layer groups (anchors first, streams continued)."""
 
 import pytest
-import ray
+
+from conftest import shared_ray
 import torch
 
 from ant_ray.config import SearcherConfig, load_config
@@ -10,7 +11,6 @@ from ant_ray.diffusion import build_model, save_model
 from ant_ray.merge import save_task_vector, state_dict_fingerprint
 from ant_ray.search.merge_stage import MergePlan, grid_axis, run_merge_stage
 from ant_ray.search.tune_runs import StageSetup
-from ant_ray.stages.ray_runtime import start_ray
 from ant_ray.tracking import TrackedRun, setup_experiment
 
 SMALL = ["diffusion.T=100", "sampler.steps=2", "fid.batch_size=20"]
@@ -33,9 +33,8 @@ def setup(tmp_path_factory):
         paths.append(path)
     uri = f"sqlite:///{out / 'mlflow.db'}"
     exp = setup_experiment(uri, "merge-test", out / "artifacts")
-    start_ray(None, num_cpus=4)
+    shared_ray()
     yield out, base_dir, paths, uri, exp
-    ray.shutdown()
 
 
 def _stage(out, uri, exp, name, overrides):

@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from ant_ray.config import load_config
@@ -22,10 +21,7 @@ def test_ntg_tiny_run(tmp_path):
                              "pretrain.batch_size=64", "pretrain.log_every=5", "pretrain.checkpoint_every=10",
                              "fid.num_samples=50", "fid.batch_size=50", "sampler.steps=3", "ray.num_cpus=4",
                              "pretrain.resources={cpu: 1, num_workers: 1}"])
-    try:
-        result = run_ntg(cfg, [(0, 500), (500, 1000)])
-    finally:
-        ray.shutdown()
+    result = run_ntg(cfg, [(0, 500), (500, 1000)])
     assert set(result.gaps) == {(0, 500), (500, 1000)}
     for interval, gap in result.gaps.items():
         assert math.isfinite(gap)

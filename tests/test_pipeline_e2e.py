@@ -3,7 +3,6 @@
 import math
 
 import pytest
-import ray
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -27,10 +26,7 @@ TINY = [
 def pipeline_result(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     cfg = load_config("search_spaces/pipeline_digits.yaml", TINY + [f"output_dir={out}"])
-    try:
-        yield cfg, run_pipeline(cfg)
-    finally:
-        ray.shutdown()
+    yield cfg, run_pipeline(cfg)
 
 
 def test_table_has_every_model(pipeline_result):

@@ -6,7 +6,6 @@ import math
 
 import optuna
 import pytest
-import ray
 from mlflow.tracking import MlflowClient
 
 from ant_ray.config import load_config
@@ -36,10 +35,7 @@ TINY_SEARCH = [
 def search(tmp_path_factory):
     out = tmp_path_factory.mktemp("search")
     cfg = load_config("search_spaces/quickstart.yaml", TINY_SEARCH + [f"output_dir={out}"])
-    try:
-        yield cfg, run_search(cfg)
-    finally:
-        ray.shutdown()
+    yield cfg, run_search(cfg)
 
 
 def _runs(cfg, result):

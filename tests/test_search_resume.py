@@ -9,7 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import ray
 from mlflow.tracking import MlflowClient
 
 from ant_ray.config import load_config
@@ -66,10 +65,7 @@ def test_resume_after_killing_the_driver(tmp_path):
 
     search_dir = finished.parents[3]
     cfg = load_config(search_dir / "config.yaml")
-    try:
-        result = run_search(cfg, resume=search_dir)
-    finally:
-        ray.shutdown()
+    result = run_search(cfg, resume=search_dir)
     assert finished.stat().st_mtime_ns == mtime  # the finished trial was not trained or scored again
     assert list(result.stages) == ["ant", "deme"] and result.search_dir == search_dir
     assert sorted(result.trials[result.trials["stage"] == "ant"]["fate"]) == ["finished", "finished"]

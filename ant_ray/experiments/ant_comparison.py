@@ -17,7 +17,7 @@ from ant_ray.config import PipelineConfig
 from ant_ray.stages.ant_train import run_ant
 from ant_ray.experiments.comparison_table import ComparisonResult, start_comparison_run
 from ant_ray.stages.ray_runtime import start_ray
-from ant_ray.tracking import tracking_env
+from ant_ray.tracking import worker_env
 
 
 def comparison_arms(cfg: PipelineConfig) -> dict[str, dict]:
@@ -42,7 +42,7 @@ def run_ant_comparison(cfg: PipelineConfig, seeds: list[int], *, report: Path | 
     pool = ThreadPoolExecutor(max_workers=cfg.comparison.max_concurrent, thread_name_prefix="ant-arm")
     try:
         # Started once here: concurrent runs must not race to start it.
-        start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=tracking_env(cfg.tracking_uri()))
+        start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=worker_env())
         queue, running = list(jobs), {}
         while queue or running:
             # Submit only up to max_concurrent, so that after a failure no further run starts.

@@ -20,7 +20,7 @@ from ant_ray.stages.evaluate import score_in_parallel
 from ant_ray.stages.ray_runtime import start_ray
 from ant_ray.stages.deme_finetune import finetune_plain
 from ant_ray.stages.pretrain import cached_pretrained_path
-from ant_ray.tracking import TrackedRun, tracking_env
+from ant_ray.tracking import TrackedRun, worker_env
 
 # name -> (weighting, options): the baselines of DeMe Table 1 (min-SNR from Hang et al.)
 BASELINES = {
@@ -37,7 +37,7 @@ PIPELINE_ARMS = {"pretrained": "pretrained", "DeMe ensemble": "DeMe ensemble (be
 def run_deme_comparison(cfg: PipelineConfig, seeds: list[int], *, report: Path | None = None) -> ComparisonResult:
     parent, experiment_id = start_comparison_run(cfg, seeds, "deme_comparison")
     uri = cfg.tracking_uri()
-    start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=tracking_env(uri))
+    start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=worker_env())
     n = cfg.finetune.num_specialists
     total_steps = n * cfg.finetune.steps
     result: ComparisonResult | None = None

@@ -22,7 +22,7 @@ from ant_ray.stages.ray_runtime import start_ray
 from ant_ray.deme.finetune import train_diffusion
 from ant_ray.stages.pretrain import pretrained_model
 from ant_ray.stages.ray_train import fit
-from ant_ray.tracking import TrackedRun, setup_experiment, tracking_env
+from ant_ray.tracking import TrackedRun, setup_experiment, worker_env
 
 
 @dataclass
@@ -81,7 +81,7 @@ def run_ntg(cfg: PipelineConfig, intervals: list[tuple[int, int]]) -> NTGResult:
     run = TrackedRun.start(uri, experiment_id, f"{cfg.name}-ntg", tags={"ant_ray.stage": "ntg"})
     run.log_params({"intervals": intervals, **cfg.pretrain.model_dump(mode="json")})
     try:
-        start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=tracking_env(uri))
+        start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=worker_env())
         (out / "runs").mkdir(parents=True, exist_ok=True)
         run_dir = Path(tempfile.mkdtemp(prefix=f"{cfg.name}-ntg-{time.strftime('%Y%m%d-%H%M%S')}-", dir=out / "runs"))
         run.set_tags({"ant_ray.run_dir": str(run_dir)})

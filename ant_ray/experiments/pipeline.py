@@ -29,7 +29,7 @@ from ant_ray.stages.evaluate import score_in_parallel
 from ant_ray.stages.pretrain import pretrained_model
 from ant_ray.stages.ray_runtime import start_ray
 from ant_ray.files import check_output_dir
-from ant_ray.tracking import TrackedRun, check_tracking_store, setup_experiment, tracking_env, ui_command
+from ant_ray.tracking import TrackedRun, check_tracking_store, setup_experiment, worker_env, ui_command
 
 
 @dataclass
@@ -141,7 +141,7 @@ def run_pipeline(cfg: PipelineConfig, *, parent_run_id: str | None = None,
         open_runs.remove(run)
 
     try:
-        _log(start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=tracking_env(uri)))
+        _log(start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=worker_env()))
         _log(f"FID setup: {result.metric} ({cfg.fid.extractor} features, reference statistics cached in {cache_dir})")
         scorer = FIDScorer(cfg, cache_dir)  # trains/caches the domain extractor and reference stats, on the driver
 

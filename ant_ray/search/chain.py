@@ -35,7 +35,7 @@ from ant_ray.search.tune_runs import StageSetup, log_line
 from ant_ray.stages.evaluate import score_with_seeds
 from ant_ray.stages.ray_runtime import start_ray
 from ant_ray.files import check_output_dir
-from ant_ray.tracking import TrackedRun, check_tracking_store, setup_experiment, tracking_env
+from ant_ray.tracking import TrackedRun, check_tracking_store, setup_experiment, worker_env
 
 STATE_FILE = "state.json"
 
@@ -175,7 +175,7 @@ def run_search(cfg: PipelineConfig, *, resume: Path | None = None,
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
     try:
-        log(start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=tracking_env(uri)))
+        log(start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=worker_env()))
         _check_resources(cfg)
         log(f"FID: {cfg.fid.extractor} features, reference statistics cached in {out / 'cache' / 'fid'}")
         FIDScorer(cfg, out / "cache" / "fid")  # builds the extractor and reference statistics once, here

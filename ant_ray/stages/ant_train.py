@@ -35,7 +35,7 @@ from ant_ray.stages.evaluate import score_in_parallel
 from ant_ray.deme.finetune import train_diffusion
 from ant_ray.stages.ray_train import fit
 from ant_ray.files import check_output_dir
-from ant_ray.tracking import TrackedRun, check_tracking_store, setup_experiment, tracking_env, ui_command
+from ant_ray.tracking import TrackedRun, check_tracking_store, setup_experiment, worker_env, ui_command
 
 
 @dataclass
@@ -210,7 +210,7 @@ def run_ant(cfg: PipelineConfig, *, resume_from: str | Path | None = None, score
                        ema_model=run_dir / "ema", model=run_dir / "model", tracking_uri=uri, run_id=run.run_id,
                        metric=metric_name(cfg))
     try:
-        _log(start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=tracking_env(uri)))
+        _log(start_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=worker_env()))
 
         # 1. clusters
         affinity = None

@@ -1,0 +1,21 @@
+"""One private Ray for the whole test session: starting one costs 5-10 s on 2 cores, so modules that need Ray
+call `shared_ray()` (or let the code under test start it) and none shuts it down; it stops when the session ends.
+Tests that need another Ray (a `ray start --head` of their own, `ray.cluster_utils.Cluster`) shut it down first;
+the next module starts it again."""
+
+import pytest
+import ray
+
+from ant_ray.stages.ray_runtime import start_ray
+
+SESSION_CPUS = 4  # logical CPUs, as the tiny configs' ray.num_cpus: fractional workers share the 2 cores
+
+
+def shared_ray() -> None:
+    start_ray(None, num_cpus=SESSION_CPUS)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_ray_at_the_end():
+    yield
+    ray.shutdown()
