@@ -47,6 +47,9 @@ class MergePlan:
     cpu: float
     gpu: float
     trial_max_failures: int = 1
+    # Tune runs every candidate in the same few processes, which keep the scorer, model and merger loaded
+    # (trials.py caches them per process): a fresh process per trial re-imports torch, diffusers and mlflow first.
+    reuse_actors: bool = True
 
 
 def parameter_names(n: int, groups: list[str] | None) -> list[str]:
@@ -170,7 +173,7 @@ def _run_rung(setup: StageSetup, context: MergeContext, plan: MergePlan, stage_d
     results = run_tune(
         trainable, name=name, storage=stage_dir / "tune", resume=setup.resume, param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=searcher, num_samples=num_samples,
-                                    max_concurrent_trials=plan.max_concurrent, reuse_actors=True),
+                                    max_concurrent_trials=plan.max_concurrent, reuse_actors=plan.reuse_actors),
         run_config=tune.RunConfig(name=name, storage_path=str(stage_dir / "tune"), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=plan.trial_max_failures),
                                   callbacks=[TrialStatusPrinter(f"merge {name}", metric, fidelity, setup.log,
