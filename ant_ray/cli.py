@@ -228,7 +228,13 @@ def _open_ui(args: argparse.Namespace) -> int:
     if uri.startswith(("http://", "https://")):
         print(f"MLflow runs on a server: open {uri}")
         return 0
-    print(f"MLflow UI: http://{args.host}:{args.port}  (store {uri}; Ctrl-C stops it)", flush=True)
+    from ant_ray.tracking import saved_runs_pages
+
+    address = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI: {address}  (store {uri}; Ctrl-C stops it)")
+    for experiment, page in saved_runs_pages(uri).items():  # the runs tables (the UI opens on GenAI pages)
+        print(f"  {experiment}: {address}/{page}")
+    sys.stdout.flush()
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
                "--port", str(args.port)]
     try:

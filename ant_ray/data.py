@@ -430,11 +430,14 @@ def iterate_batches(
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None, *,
-                    padding: int = 2) -> Path:
+                    padding: int = 2, min_side: int = 256) -> Path:
     """Write images (float [N, C, H, W] in [-1, 1], C = 1 or 3, any device) as one PNG grid and return its
     path. ``nrow`` is the number of images per row (default ceil(sqrt(N))); cells are separated and framed by
-    ``padding`` black pixels, so the PNG is cols*(W+padding)+padding wide. Values outside [-1, 1] are clipped
-    and NaN shows as mid-grey, so a diverged model still leaves an inspectable artifact."""
+    ``padding`` black pixels, so the grid is cols*(W+padding)+padding pixels wide. The grid is then enlarged by
+    the smallest integer factor that makes its shorter side at least ``min_side`` pixels, each pixel becoming a
+    square block (nearest neighbour), so that 8x8 samples are large enough to judge; ``min_side=0`` keeps the
+    native size. Values outside [-1, 1] are clipped and NaN shows as mid-grey, so a diverged model still leaves
+    an inspectable artifact."""
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[0] < 1 \
             or images.shape[1] not in (1, 3):
         shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -446,6 +449,8 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = N
         raise ValueError(f"nrow (images per row) must be a positive int, got {nrow!r}")
     if isinstance(padding, bool) or not isinstance(padding, int) or padding < 0:
         raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    if isinstance(min_side, bool) or not isinstance(min_side, int) or min_side < 0:
+        raise ValueError(f"min_side must be an int >= 0, got {min_side!r}")
     cols = min(nrow, n)
     rows = math.ceil(n / cols)
 
@@ -459,6 +464,9 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = N
         left = padding + (i % cols) * (w + padding)
         grid[:, top:top + h, left:left + w] = pixels[i]
 
+    scale = max(1, math.ceil(min_side / min(grid.shape[1:])))
+    if scale > 1:
+        grid = grid.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
     array = np.ascontiguousarray(grid.permute(1, 2, 0).numpy())
     # A 2-D uint8 array becomes mode "L", an [H, W, 3] one mode "RGB".
     image = Image.fromarray(array[:, :, 0] if c == 1 else array)

@@ -3,6 +3,7 @@ plan a training loop follows to score itself at fixed steps (what a search trial
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from ant_ray.diffusion import Denoiser, NoiseSchedule, load_model, model_denoise
 from ant_ray.fid import (StreamingFeatureStats, build_feature_extractor, extend_feature_stream, fid_metric_name,
                          reference_stats)
 from ant_ray.merge import TaskVectorMerger, anchor_weights, compute_task_vector, random_weights
+from ant_ray.training.progress import show_progress
 
 
 def metric_name(cfg: PipelineConfig, num_samples: int | None = None) -> str:
@@ -74,10 +76,24 @@ class FIDScorer:
 
     def stream(self, denoiser: Denoiser, n: int, *, running: StreamingFeatureStats | None = None,
                seed: int | None = None, batch_size: int | None = None) -> StreamingFeatureStats:
-        """Features of the first n samples of the stream (seed, batch_size), continuing ``running``."""
+        """Features of the first n samples of the stream (seed, batch_size), continuing ``running``. An evaluation
+        of 10 batches or more shows its progress about every 10%, e.g. "[fid5k_inception] 2500/5000 samples"."""
         batch = batch_size or self.cfg.fid.batch_size
-        return extend_feature_stream(lambda size, s: self.sample(denoiser, size, s, batch), running, n, batch,
-                                     self.extractor, self.cfg.fid.seed if seed is None else seed)
+        start = running.n if running is not None else 0
+        batches = math.ceil((n - start) / batch)
+        every = batches // 10 if batches >= 10 else 0
+        label, samples, batches_done = metric_name(self.cfg, n), start, 0
+
+        def sample(size: int, batch_seed: int) -> torch.Tensor:
+            nonlocal samples, batches_done
+            images = self.sample(denoiser, size, batch_seed, batch)
+            samples, batches_done = samples + size, batches_done + 1
+            if every and (batches_done % every == 0 or batches_done == batches):
+                show_progress(f"[{label}] {samples}/{n} samples")
+            return images
+
+        return extend_feature_stream(sample, running, n, batch, self.extractor,
+                                     self.cfg.fid.seed if seed is None else seed)
 
     def fid(self, running: StreamingFeatureStats) -> float:
         return running.to_stats().frechet_distance(self.reference)

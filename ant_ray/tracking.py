@@ -10,20 +10,23 @@ itself retries an unreachable server silently for minutes).
 
 from __future__ import annotations
 
+import hashlib
 import http.client
+import json
 import math
 import os
 import re
 import ssl
 import tempfile
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import warnings
 from base64 import b64encode
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
@@ -36,8 +39,9 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 def setup_experiment(tracking_uri: str, experiment: str, artifact_root: Path) -> str:
     """Create (or reuse) the experiment on the driver and return its id. Artifacts go to an explicit folder so
-    they never land in a temporary working directory (as under `ray job submit`)."""
-    mlflow.set_tracking_uri(tracking_uri)
+    they never land in a temporary working directory (as under `ray job submit`). Every call names its store
+    explicitly: `mlflow.set_tracking_uri` would also set MLFLOW_TRACKING_URI in this process's environment, and a
+    later search with another output directory (or any subprocess) would then log into this store."""
     client = MlflowClient(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is not None:
@@ -48,10 +52,57 @@ def setup_experiment(tracking_uri: str, experiment: str, artifact_root: Path) ->
             artifact_root.mkdir(parents=True, exist_ok=True)
             artifact_location = artifact_root.resolve().as_uri()
         experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
-    # MLflow 3's UI opens an experiment of unknown kind on its GenAI overview; this one is model training, so it
-    # opens on the runs table.
+    # The kind of experiment for MLflow 3 UIs that read it. MLflow 3.17's UI ignores it and opens every experiment
+    # on its GenAI overview unless the URL says workflowType=machine_learning: the links ant_ray prints do
+    # (`save_runs_view`).
     client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, "custom_model_development")
     return experiment_id
+
+
+# A saved view of the MLflow UI's runs table is an experiment tag with this prefix; the UI lists it under "Views"
+# and opens it from a link with viewStateShareKey=<the rest of the tag's name>.
+RUNS_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
+_OWN_VIEW = "ant_ray-"  # the rest of the names of the views ant_ray saves
+
+
+def save_runs_view(tracking_uri: str, experiment_id: str, metrics: Iterable[str]) -> str:
+    """Save a view of the experiment's runs table that shows the given metric columns (the UI shows none by
+    default) and the Dataset column, and return the page that opens it: the runs table of the "Model training"
+    workflow, e.g. "#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=ant_ray-0123456789ab",
+    to append to the UI's address. The tree of runs (search, stages, trials, training runs) opens with the +
+    beside each parent; a view cannot open it."""
+    metrics = list(dict.fromkeys(metrics))
+    columns = [f"metrics.`{m}`" for m in metrics] + ["attributes.`Dataset`"]
+    # MLflow 3.17's column ids; the metrics come right after the pinned checkbox, run name and start time ("0",
+    # "runDateAndNestInfo"), and run names get the width that training runs' names need.
+    state = {"selectedColumns": columns,
+             "columnOrder": ["0", "attributes.`Run Name`", "runDateAndNestInfo", *columns, "duration"],
+             "columnWidths": {"attributes.`Run Name`": 300, "attributes.`Dataset`": 180}}
+    state_text = json.dumps(state, sort_keys=True)
+    key = _OWN_VIEW + hashlib.sha256(state_text.encode()).hexdigest()[:12]
+    client = MlflowClient(tracking_uri)
+    if RUNS_VIEW_TAG_PREFIX + key not in client.get_experiment(experiment_id).tags:
+        now = int(time.time() * 1000)
+        view = {"name": f"ant_ray: {', '.join(metrics)}", "createdAt": now, "updatedAt": now, "state": state_text}
+        client.set_experiment_tag(experiment_id, RUNS_VIEW_TAG_PREFIX + key, json.dumps(view))
+    return _runs_page(experiment_id, key)
+
+
+def saved_runs_pages(tracking_uri: str) -> dict[str, str]:
+    """Experiment name -> the page of its most recently saved ant_ray runs view (see `save_runs_view`)."""
+    pages = {}
+    for experiment in MlflowClient(tracking_uri).search_experiments():
+        views = []
+        for name, value in experiment.tags.items():
+            if name.startswith(RUNS_VIEW_TAG_PREFIX + _OWN_VIEW):
+                views.append((json.loads(value).get("updatedAt", 0), name.removeprefix(RUNS_VIEW_TAG_PREFIX)))
+        if views:
+            pages[experiment.name] = _runs_page(experiment.experiment_id, max(views)[1])
+    return pages
+
+
+def _runs_page(experiment_id: str, view_key: str) -> str:
+    return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={view_key}"
 
 
 class TrackedRun:
@@ -115,6 +166,28 @@ class TrackedRun:
         clean = finite.astype(object).where(finite.notna(), None)
         self.client.log_table(self.run_id, data=clean, artifact_file=artifact_file)
 
+    def log_dataset(self, dataset, path: str | None) -> None:
+        """The training images as the run's MLflow input (the runs table's Dataset column, the run page's Datasets):
+        named <dataset>-<resolution>px, with where they come from (``path``, or scikit-learn for the built-in
+        digits), the number of images and their shape (its profile and schema), and the data fingerprint as its
+        digest. ``dataset``: an `ant_ray.data.ImageDataset`."""
+        import mlflow.data
+        from mlflow.data.code_dataset_source import CodeDatasetSource
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.entities import DatasetInput, InputTag
+
+        if path is None:
+            source = CodeDatasetSource({"loader": "sklearn.datasets.load_digits"})
+        else:
+            with warnings.catch_warnings():  # MLflow registers its local-file source twice and says so
+                warnings.simplefilter("ignore", UserWarning)
+                source = resolve_dataset_source(Path(path).expanduser().resolve().as_uri())
+        labels = dataset.labels.numpy() if dataset.labels is not None else None
+        entry = mlflow.data.from_numpy(dataset.images.numpy(), source=source, targets=labels,
+                                       name=f"{dataset.name}-{dataset.resolution}px", digest=dataset.fingerprint)
+        self.client.log_inputs(self.run_id, datasets=[
+            DatasetInput(entry._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", "training")])])
+
     def log_figure(self, figure, name: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             target = Path(tmp) / name
@@ -158,10 +231,16 @@ def loss_curve_figure(steps: Iterable[int], losses: Iterable[float], title: str)
     return fig
 
 
-def ui_command(tracking_uri: str) -> str:
+def ui_command(tracking_uri: str, page: str | None = None) -> str:
+    """How to look at the runs: the command that starts the UI on a SQLite store, and the address of ``page``
+    (from `save_runs_view`) on it or on the tracking server."""
+    shown = redact_credentials({"uri": tracking_uri})["uri"]
     if tracking_uri.startswith("sqlite:"):
-        return f"mlflow ui --backend-store-uri {tracking_uri}"
-    return f"open {tracking_uri} (MLFLOW_TRACKING_URI) in a browser"
+        command = f"mlflow ui --backend-store-uri {tracking_uri}"
+        return f"{command}, then open http://127.0.0.1:5000/{page}" if page else command
+    if page and tracking_uri.startswith(("http://", "https://")):
+        return f"open {shown.rstrip('/')}/{page}"
+    return f"open {shown} (MLFLOW_TRACKING_URI) in a browser"
 
 
 def worker_env() -> dict[str, str]:

@@ -411,7 +411,7 @@ def test_iterate_batches_rejects_bad_arguments(kwargs: dict, match: str) -> None
 
 def test_save_image_grid_writes_png_of_the_right_size(tmp_path: Path) -> None:
     images = torch.linspace(-1, 1, 5 * 3 * 4 * 6).reshape(5, 3, 4, 6)
-    path = save_image_grid(images, tmp_path / "nested" / "grid.png", nrow=3)
+    path = save_image_grid(images, tmp_path / "nested" / "grid.png", nrow=3, min_side=0)
     assert path == tmp_path / "nested" / "grid.png"
     with Image.open(path) as png:
         assert png.format == "PNG" and png.mode == "RGB"
@@ -427,7 +427,7 @@ def test_save_image_grid_grayscale_default_rows_and_clipping(tmp_path: Path) -> 
     images = torch.zeros(7, 1, 5, 5)
     images[0] = 3.0
     images[1] = float("nan")
-    with Image.open(save_image_grid(images, tmp_path / "gray.png", padding=0)) as png:
+    with Image.open(save_image_grid(images, tmp_path / "gray.png", padding=0, min_side=0)) as png:
         assert png.mode == "L" and png.size == (15, 15)  # ceil(sqrt(7)) = 3 per row, 3 rows
         pixels = np.asarray(png)
     assert pixels[0, 0] == 255 and pixels[0, 5] == 128 and pixels[0, 10] == 128
@@ -435,3 +435,18 @@ def test_save_image_grid_grayscale_default_rows_and_clipping(tmp_path: Path) -> 
         save_image_grid(torch.zeros(2, 2, 4, 4), tmp_path / "bad.png")
     with pytest.raises(ValueError, match="nrow"):
         save_image_grid(images, tmp_path / "bad.png", nrow=0)
+    with pytest.raises(ValueError, match="min_side"):
+        save_image_grid(images, tmp_path / "bad.png", min_side=-1)
+
+
+def test_save_image_grid_enlarges_small_samples_by_an_integer_factor(tmp_path: Path) -> None:
+    # 64 digits of 8x8 make an 82-pixel grid (8 x (8 + 2) + 2); the smallest factor reaching 256 pixels is 4.
+    images = torch.rand(64, 1, 8, 8) * 2 - 1
+    with Image.open(save_image_grid(images, tmp_path / "digits.png")) as png:
+        assert png.size == (328, 328)
+        pixels = np.asarray(png)
+    with Image.open(save_image_grid(images, tmp_path / "native.png", min_side=0)) as png:
+        native = np.asarray(png)
+    np.testing.assert_array_equal(pixels, native.repeat(4, axis=0).repeat(4, axis=1))  # nearest neighbour
+    with Image.open(save_image_grid(torch.zeros(64, 3, 32, 32), tmp_path / "cifar.png")) as png:
+        assert png.size == (274, 274)  # already 256 pixels or more: kept as it is

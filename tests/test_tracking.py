@@ -4,6 +4,7 @@ tracking store can be used before anything starts."""
 import base64
 import contextlib
 import http.server
+import json
 import os
 import signal
 import socket
@@ -20,8 +21,9 @@ matplotlib.use("Agg")
 
 from mlflow.tracking import MlflowClient
 
-from ant_ray.tracking import (TrackedRun, TrackingUnreachable, check_tracking_store, flatten, loss_curve_figure,
-                              setup_experiment, ui_command)
+from ant_ray.data import load_dataset
+from ant_ray.tracking import (RUNS_VIEW_TAG_PREFIX, TrackedRun, TrackingUnreachable, check_tracking_store, flatten,
+                              loss_curve_figure, save_runs_view, saved_runs_pages, setup_experiment, ui_command)
 
 
 def test_runs_nest_and_log(tmp_path):
@@ -52,6 +54,37 @@ def test_runs_nest_and_log(tmp_path):
 def test_flatten_and_ui_command():
     assert flatten({"a": {"b": {"c": 1}}, "d": 2}) == {"a.b.c": 1, "d": 2}
     assert ui_command("sqlite:////x/mlflow.db") == "mlflow ui --backend-store-uri sqlite:////x/mlflow.db"
+    page = "#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=ant_ray-0"
+    assert ui_command("sqlite:////x/mlflow.db", page) == ("mlflow ui --backend-store-uri sqlite:////x/mlflow.db, "
+                                                          f"then open http://127.0.0.1:5000/{page}")
+    assert ui_command("http://u:secret@mlflow:5000/", page) == f"open http://u:***@mlflow:5000/{page}"
+
+
+def test_runs_view_is_saved_once_per_column_set(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = setup_experiment(uri, "t", tmp_path / "artifacts")
+    page = save_runs_view(uri, exp, ["fid100_domain", "fid50_domain", "fid100_domain", "loss"])
+    assert page.startswith(f"#/experiments/{exp}/runs?workflowType=machine_learning&viewStateShareKey=ant_ray-")
+    assert save_runs_view(uri, exp, ["fid100_domain", "fid50_domain", "loss"]) == page  # the same view, once
+    views = {k: json.loads(v) for k, v in MlflowClient(uri).get_experiment(exp).tags.items()
+             if k.startswith(RUNS_VIEW_TAG_PREFIX)}
+    (view,) = views.values()
+    assert view["name"] == "ant_ray: fid100_domain, fid50_domain, loss"
+    assert json.loads(view["state"])["selectedColumns"] == [
+        "metrics.`fid100_domain`", "metrics.`fid50_domain`", "metrics.`loss`", "attributes.`Dataset`"]
+    assert saved_runs_pages(uri) == {"t": page}
+
+
+def test_dataset_is_logged_as_a_run_input(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = TrackedRun.start(uri, setup_experiment(uri, "t", tmp_path / "artifacts"), "search")
+    digits = load_dataset("digits", resolution=8, channels=1, limit=100)
+    run.log_dataset(digits, None)
+    (logged,) = MlflowClient(uri).get_run(run.run_id).inputs.dataset_inputs
+    assert logged.dataset.name == "digits-8px" and logged.dataset.digest == digits.fingerprint
+    assert json.loads(logged.dataset.source) == {"tags": {"loader": "sklearn.datasets.load_digits"}}
+    assert json.loads(logged.dataset.profile)["features_shape"] == [100, 1, 8, 8]
+    assert [(t.key, t.value) for t in logged.tags] == [("mlflow.data.context", "training")]
 
 
 # ------------------------------------------------------------------------------------------ check_tracking_store
@@ -191,3 +224,11 @@ def test_sqlite_store_in_an_unwritable_folder_fails(tmp_path):
 def test_other_schemes_are_not_checked():
     check_tracking_store("databricks")
     check_tracking_store("databricks://profile")
+
+
+def test_setting_up_an_experiment_leaves_the_environment_alone(tmp_path, monkeypatch):
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: a second search from the same Python process (or any
+    # subprocess) would then log into the first one's store.
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    setup_experiment(f"sqlite:///{tmp_path / 'mlflow.db'}", "t", tmp_path / "artifacts")
+    assert "MLFLOW_TRACKING_URI" not in os.environ

@@ -59,8 +59,8 @@ from ant_ray.mtl import MTLMethod, build_mtl_method, flat_grad, flatten_grads, w
 from ant_ray.tracking import TrackedRun, loss_curve_figure
 from ant_ray.evaluation import EvaluationPlan, score_merged_states
 from ant_ray.training import (AUTOCAST_DTYPES, DivergenceGuard, TrainingDiverged, any_rank_diverged,
-                              load_training_state, progress_line, save_training_state, step_generator, step_seed,
-                              update_ema, worker_device)
+                              load_training_state, progress_line, save_training_state, show_progress, step_generator,
+                              step_seed, update_ema, worker_device)
 
 TIMESTEP_SAMPLING = ("uniform", "stratified")
 _MTL_PREFIX = "mtl."  # key prefix of the MTL method's tensors in the checkpoint's extra.safetensors
@@ -381,6 +381,10 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         raise ValueError(f"ant.batch_size ({ant.batch_size}) exceeds the dataset size ({len(data)})")
     batches = None
     tick, images_seen, run_images, run_seconds = time.perf_counter(), 0, 0, 0.0
+    # The step losses since the last log, whose mean is logged as `loss` (one batch's loss is too noisy to read a
+    # curve from); summed on the device, read at log steps only. Checkpoints are written at log steps, so a resume
+    # starts empty.
+    loss_sum, loss_steps = 0.0, 0
     started = tick
     metrics: dict[str, float] = {}
     for step in range(start_step, ant.steps):
@@ -399,6 +403,8 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                             cluster_counts(step_fn.cluster_ids(t_all), ant.k), step)
         except TrainingDiverged as err:  # non-finite per-cluster gradients (the same on every rank: all-reduced)
             diverged = str(err)
+        else:
+            loss_sum, loss_steps = loss_sum + stats.mean_loss, loss_steps + 1
         update_ema(ema, model, ant.ema_decay)
         images_seen += ant.batch_size
         done = step + 1
@@ -417,14 +423,15 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         due = plan is not None and plan.due(done, ant.steps)
         if done % ant.log_every == 0 or last or due:
             elapsed = time.perf_counter() - tick
-            metrics = {**_step_metrics(stats, method), "images_per_s": images_seen / max(elapsed, 1e-9)}
+            metrics = {**_step_metrics(stats, method), "loss": float(loss_sum) / loss_steps,
+                       "images_per_s": images_seen / max(elapsed, 1e-9)}
             run_images, run_seconds = run_images + images_seen, run_seconds + elapsed
             history.append((done, metrics["loss"]))
             if run is not None:
                 run.log_metrics(metrics, step=done)
                 seconds_per_step = (time.perf_counter() - started) / max(done - start_step, 1)
-                print(progress_line(loop_config.get("name", "ant"), done, ant.steps, metrics["loss"],
-                                    metrics["images_per_s"], seconds_per_step * (ant.steps - done)), flush=True)
+                show_progress(progress_line(loop_config.get("name", "ant"), done, ant.steps, metrics["loss"],
+                                            metrics["images_per_s"], seconds_per_step * (ant.steps - done)))
             report = {**metrics, "step": done, **(evaluate(done) if due else {})}
             if done % ant.checkpoint_every == 0 or last:
                 _report_with_checkpoint(report, rank, output_dir / "checkpoint", model=model, ema=ema,
@@ -432,7 +439,7 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                                         history=history)
             else:
                 ray.train.report(report)
-            tick, images_seen = time.perf_counter(), 0
+            tick, images_seen, loss_sum, loss_steps = time.perf_counter(), 0, 0.0, 0
 
     if start_step >= ant.steps and plan is not None:
         # Restored from the final checkpoint (the run had finished, its result was lost): report the final score.

@@ -38,7 +38,7 @@ from ant_ray.diffusion import (NoiseSchedule, build_model, build_weighting, load
 from ant_ray.evaluation import EvaluationPlan, score_merged_states
 from ant_ray.tracking import TrackedRun, loss_curve_figure
 from ant_ray.training import (AUTOCAST_DTYPES, DivergenceGuard, any_rank_diverged, load_training_state, progress_line,
-                              save_training_state, step_generator, step_seed, update_ema, worker_device)
+                              save_training_state, show_progress, step_generator, step_seed, update_ema, worker_device)
 
 
 def sample_timesteps(batch: int, T: int, time_range: tuple[int, int], p: float,
@@ -133,7 +133,9 @@ def train_diffusion(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     denoise = model_denoiser(ddp_model, autocast_dtype=autocast_dtype)
     teacher_denoise = model_denoiser(teacher, autocast_dtype=autocast_dtype) if teacher is not None else None
     batches = None
-    tick, images_seen = time.perf_counter(), 0
+    # Since the last log: images for the throughput, and the step losses whose mean is logged as `loss` (one batch's
+    # loss is too noisy to read a curve from). Checkpoints are written at log steps only, so a resume starts empty.
+    tick, images_seen, loss_sum, loss_steps = time.perf_counter(), 0, 0.0, 0
     started = tick
     summary: dict[str, Any] = {}
     for step in range(start_step, train.steps):
@@ -181,6 +183,7 @@ def train_diffusion(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         scaler.update()
         update_ema(ema, model, train.ema_decay)
         images_seen += per_rank
+        loss_sum, loss_steps = loss_sum + step_loss, loss_steps + 1
         done = step + 1
         last = done == train.steps
 
@@ -191,17 +194,18 @@ def train_diffusion(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         if done % train.log_every and not last and not evaluate:
             continue
         elapsed = time.perf_counter() - tick
-        metrics: dict[str, Any] = {"loss": step_loss, "images_per_s": images_seen * per_model / max(elapsed, 1e-9),
+        mean_loss = loss_sum / loss_steps
+        metrics: dict[str, Any] = {"loss": mean_loss, "images_per_s": images_seen * per_model / max(elapsed, 1e-9),
                                    "step": done}
         if teacher_denoise is not None:
             metrics["consistency"] = step_consistency
-        history.append((done, step_loss))
+        history.append((done, mean_loss))
         if run is not None:
             run.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=done)
             seconds_per_step = (time.perf_counter() - started) / max(done - start_step, 1)
-            print(progress_line(spec.get("name") or loop_config.get("name", "train"), done, train.steps, step_loss,
-                                metrics["images_per_s"], seconds_per_step * (train.steps - done)), flush=True)
-        tick, images_seen = time.perf_counter(), 0
+            show_progress(progress_line(spec.get("name") or loop_config.get("name", "train"), done, train.steps,
+                                        mean_loss, metrics["images_per_s"], seconds_per_step * (train.steps - done)))
+        tick, images_seen, loss_sum, loss_steps = time.perf_counter(), 0, 0.0, 0
         if evaluate:
             states = _gather_ema_states(ema, rank, groups, per_model, device)
             if rank == 0:

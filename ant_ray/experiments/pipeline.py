@@ -18,7 +18,7 @@ from ant_ray.config import PipelineConfig
 from ant_ray.deme.projection import add_channel_projections, channel_projection_places
 from ant_ray.deme.ranges import specialist_ranges
 from ant_ray.diffusion import build_model, load_model, model_denoiser, save_model
-from ant_ray.data import save_image_grid
+from ant_ray.data import ImageDataset, save_image_grid
 from ant_ray.evaluation import FIDScorer, load_reference_dataset, metric_name
 from ant_ray.config import SearcherConfig
 from ant_ray.merge import TaskVectorMerger, load_task_vector, state_dict_fingerprint
@@ -29,7 +29,8 @@ from ant_ray.stages.evaluate import score_in_parallel
 from ant_ray.stages.pretrain import pretrained_model
 from ant_ray.stages.ray_runtime import start_ray
 from ant_ray.files import check_output_dir
-from ant_ray.tracking import TrackedRun, check_tracking_store, setup_experiment, worker_env, ui_command
+from ant_ray.tracking import (TrackedRun, check_tracking_store, save_runs_view, setup_experiment, ui_command,
+                              worker_env)
 
 
 @dataclass
@@ -45,6 +46,7 @@ class PipelineResult:
     merge_images_to_best: int = 0
     merge_images_generated: int = 0
     seconds: float = 0.0
+    runs_page: str | None = None  # the MLflow UI's page for the runs (tracking.save_runs_view)
 
     def table(self) -> str:
         rows = [("model", self.metric)] + [(k, f"{v:.3f}") for k, v in self.scores.items()]
@@ -56,7 +58,7 @@ class PipelineResult:
                   f"specialist ranges: {self.ranges}",
                   f"run directory: {self.run_dir}",
                   f"finished in {self.seconds / 60:.1f} min",
-                  f"MLflow UI: {ui_command(self.tracking_uri)}"]
+                  f"MLflow UI: {ui_command(self.tracking_uri, self.runs_page)}"]
         return "\n".join(lines)
 
 
@@ -75,8 +77,9 @@ def _log(message: str) -> None:
     print(f"[ant_ray {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def check_inputs(cfg: PipelineConfig) -> None:
-    """Fail on bad input before any expensive work: the dataset loads, the base model builds, FID can be set up."""
+def check_inputs(cfg: PipelineConfig) -> ImageDataset:
+    """Fail on bad input before any expensive work: the dataset loads, the base model builds, FID can be set up.
+    Returns the dataset."""
     data = load_reference_dataset(cfg)
     build_model(cfg.model.base, resolution=cfg.data.resolution, channels=cfg.data.channels)
     if cfg.pretrain.batch_size > len(data) or cfg.finetune.batch_size > len(data):
@@ -85,6 +88,7 @@ def check_inputs(cfg: PipelineConfig) -> None:
         from ant_ray.fid import ensure_inception_weights
 
         ensure_inception_weights()
+    return data
 
 
 def _prepare_run_dir(cfg: PipelineConfig, resume: Path | None) -> tuple[Path, str]:
@@ -112,7 +116,7 @@ def run_pipeline(cfg: PipelineConfig, *, parent_run_id: str | None = None,
     """Run the pipeline; `resume` continues an interrupted run directory: finished specialists are kept,
     interrupted ones continue from their last checkpoint, and the merge search runs again."""
     started = time.time()
-    check_inputs(cfg)
+    dataset = check_inputs(cfg)
     check_output_dir(cfg.output_path())
     check_tracking_store(cfg.tracking_uri())
     out = cfg.output_path()
@@ -125,8 +129,10 @@ def run_pipeline(cfg: PipelineConfig, *, parent_run_id: str | None = None,
                                 tags={"ant_ray.stage": "pipeline", "ant_ray.run_dir": str(run_dir),
                                       "ant_ray.resumed": resume is not None})
     pipeline.log_params(cfg.model_dump(mode="json"))
+    pipeline.log_dataset(dataset, cfg.data.path if cfg.data.dataset != "digits" else None)
     result = PipelineResult(metric=metric_name(cfg), run_dir=run_dir, tracking_uri=uri,
-                            pipeline_run_id=pipeline.run_id, ranges=specialist_ranges(cfg))
+                            pipeline_run_id=pipeline.run_id, ranges=specialist_ranges(cfg),
+                            runs_page=save_runs_view(uri, experiment_id, [metric_name(cfg), "loss"]))
 
     open_runs: list[TrackedRun] = [pipeline]
 
@@ -150,6 +156,7 @@ def run_pipeline(cfg: PipelineConfig, *, parent_run_id: str | None = None,
         pre_run.log_params(cfg.pretrain.model_dump(mode="json"))
         base, reused = pretrained_model(cfg, run_dir=run_dir, tracking=pre_run.handle())
         pre_run.set_tags({"ant_ray.reused_cache": reused, "ant_ray.model_dir": str(base)})
+        finish(pre_run)  # its work is done; its FID is logged into it once scored, with the specialists'
         _log(f"pretrained model: {base} ({'reused from cache' if reused else 'trained'})")
         pretrained = base
         if cfg.finetune.channel_projection:
@@ -171,6 +178,7 @@ def run_pipeline(cfg: PipelineConfig, *, parent_run_id: str | None = None,
         specialists, tv_paths = finetuned.models, finetuned.task_vectors
         for run, path in zip(spec_runs, tv_paths):
             run.log_artifact(path, "task_vector")  # saved with its range, p, lambda and the base's fingerprint
+            finish(run)
 
         # 4. scores of the pretrained model, each specialist and the routed ensemble, in parallel on Ray
         _log(f"scoring pretrained, specialists and ensemble ({result.metric})")
@@ -178,11 +186,9 @@ def run_pipeline(cfg: PipelineConfig, *, parent_run_id: str | None = None,
         jobs.update({f"specialist {i} {list(r)}": ([str(f)], None) for i, (f, r) in enumerate(zip(specialists, ranges))})
         jobs["DeMe ensemble (before merge)"] = ([str(f) for f in specialists], [list(r) for r in ranges])
         scores = score_in_parallel(cfg, cache_dir, jobs)
-        pre_run.log_metrics({result.metric: scores["pretrained"]})
-        finish(pre_run)
+        pre_run.log_metrics({result.metric: scores["pretrained"]})  # into finished runs: MLflow allows it
         for i, run in enumerate(spec_runs):
             run.log_metrics({result.metric: scores[f"specialist {i} {list(ranges[i])}"]})
-            finish(run)
 
         # 5. merge-weight search with Ray Tune + Optuna (the search's merge stage at one fidelity); each candidate is
         #    a child run of the search run
@@ -203,7 +209,8 @@ def run_pipeline(cfg: PipelineConfig, *, parent_run_id: str | None = None,
         weights = outcome.winner["weights"]
         trials = outcome.trials()
         best_index = int(trials["fid"].idxmin())
-        search_run.log_metrics({f"best_{result.metric}": outcome.best_score, "trials": len(trials),
+        search_run.log_metrics({result.metric: outcome.best_score, f"best_{result.metric}": outcome.best_score,
+                                "trials": len(trials),
                                 "images_generated": outcome.images_generated,
                                 "images_to_best": (best_index + 1) * cfg.fid.num_samples})
         search_run.log_params({"best_weights": weights})
@@ -225,6 +232,7 @@ def run_pipeline(cfg: PipelineConfig, *, parent_run_id: str | None = None,
         result.merge_images_generated = outcome.images_generated
         result.seconds = time.time() - started
         pipeline.log_metrics({f"{_metric_key(k)}_{result.metric}": v for k, v in scores.items()})
+        pipeline.log_metrics({result.metric: outcome.best_score})  # the pipeline's model is the merged one
         pipeline.log_metrics({"seconds": result.seconds})
         pipeline.log_text(run_dir / "summary.txt", result.table())
         finish(pipeline)

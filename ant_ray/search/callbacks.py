@@ -87,24 +87,27 @@ class TrialTracker(tune.Callback):
 
 
 class TrialStatusPrinter(tune.Callback):
-    """One compact line per change of a stage's trials: how many run, finished, were stopped early or failed, and
-    the best final score so far (Tune's own progress tables are off by default)."""
+    """One compact line when a stage's first trial starts and whenever a trial ends: how many run, wait, finished,
+    were stopped early or failed, and the best final score so far (Tune's own progress tables are off by
+    default)."""
 
     def __init__(self, stage: str, metric: str, final_step: int, log, step_key: str = "step"):
         self.stage, self.metric, self.final_step, self.log, self.step_key = stage, metric, final_step, log, step_key
         self.best: tuple[float, dict] | None = None
+        self.started = False
 
-    def _print(self, trials) -> None:
+    def _fate(self, trial) -> str:
+        last = trial.last_result or {}
+        return ("diverged" if last.get("diverged") else
+                "stopped early" if int(last.get(self.step_key, 0) or 0) < self.final_step else "finished")
+
+    def _print(self, trials, trial, status: str) -> None:
+        """``status``: what the event says about ``trial`` (Tune updates ``trial.status`` only after the callbacks)."""
         counts: dict[str, int] = {}
-        for trial in trials:
-            status = trial.status
-            if status == "TERMINATED":
-                last = trial.last_result or {}
-                status = ("diverged" if last.get("diverged") else
-                          "stopped early" if int(last.get(self.step_key, 0) or 0) < self.final_step else "finished")
-            elif status == "ERROR":
-                status = "failed"
-            counts[status.lower()] = counts.get(status.lower(), 0) + 1
+        for other in trials:
+            state = status if other is trial else {"TERMINATED": self._fate(other), "ERROR": "failed"}.get(
+                other.status, other.status.lower())
+            counts[state] = counts.get(state, 0) + 1
         order = ["running", "pending", "finished", "stopped early", "diverged", "failed"]
         parts = [f"{counts[k]} {k}" for k in order if counts.get(k)]
         best = ""
@@ -114,16 +117,19 @@ class TrialStatusPrinter(tune.Callback):
         self.log(f"{self.stage} trials: {', '.join(parts)}{best}")
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
-        self._print(trials)
+        if not self.started:  # later starts show in the next line about an ended trial
+            self.started = True
+            self._print(trials, trial, "running")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}
         value = result.get(self.metric)
-        finished = int(result.get(self.step_key, 0) or 0) >= self.final_step and not result.get("diverged")
-        if finished and value is not None and math.isfinite(value) and (self.best is None or value < self.best[0]):
+        fate = self._fate(trial)
+        better = value is not None and math.isfinite(value) and (self.best is None or value < self.best[0])
+        if fate == "finished" and better:
             config = trial.config.get("point", trial.config)
             self.best = (value, {k: v for k, v in config.items() if not isinstance(v, (dict, list))})
-        self._print(trials)
+        self._print(trials, trial, fate)
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        self._print(trials)
+        self._print(trials, trial, "failed")

@@ -22,7 +22,7 @@ from typing import Callable
 import yaml
 
 from ant_ray.config import PipelineConfig, ResourcesConfig
-from ant_ray.data import save_image_grid
+from ant_ray.data import ImageDataset, save_image_grid
 from ant_ray.diffusion import build_model, load_model, model_denoiser, save_model
 from ant_ray.evaluation import FIDScorer, load_reference_dataset, metric_name
 from ant_ray.merge import TaskVectorMerger, load_task_vector, state_dict_fingerprint
@@ -35,7 +35,7 @@ from ant_ray.search.tune_runs import StageSetup, log_line
 from ant_ray.stages.evaluate import score_with_seeds
 from ant_ray.stages.ray_runtime import start_ray
 from ant_ray.files import check_output_dir
-from ant_ray.tracking import TrackedRun, check_tracking_store, setup_experiment, worker_env
+from ant_ray.tracking import TrackedRun, check_tracking_store, save_runs_view, setup_experiment, worker_env
 
 STATE_FILE = "state.json"
 
@@ -43,8 +43,8 @@ STATE_FILE = "state.json"
 # ------------------------------------------------------------------------------------------------ before anything
 
 
-def check_search_inputs(cfg: PipelineConfig) -> None:
-    """Bad input fails here, in seconds, before Ray starts or anything is written."""
+def check_search_inputs(cfg: PipelineConfig) -> ImageDataset:
+    """Bad input fails here, in seconds, before Ray starts or anything is written. Returns the dataset."""
     search = cfg.search
     if search is None or not search.stages():
         raise ValueError("this config has no search: section; add one (see search_spaces/quickstart.yaml) or run "
@@ -67,6 +67,7 @@ def check_search_inputs(cfg: PipelineConfig) -> None:
             raise ValueError(f"search.merge.task_vectors: {missing[0]} does not exist")
         check_task_vectors([Path(p) for p in search.merge.task_vectors],
                            state_dict_fingerprint(load_model(base).state_dict()))
+    return data
 
 
 def _check_resources(cfg: PipelineConfig) -> None:
@@ -124,6 +125,20 @@ def prepare_search_dir(cfg: PipelineConfig, resume: Path | None) -> tuple[Path, 
     return search_dir, json.loads((search_dir / STATE_FILE).read_text())
 
 
+def fid_metrics(cfg: PipelineConfig) -> list[str]:
+    """The FID metrics a search logs, the final score's first: one name per sample count (scores at different
+    counts are not comparable), each logged by the runs scored at that count and by the stages that kept it."""
+    search = cfg.search
+    counts = [search.final.num_samples]
+    for stage in search.stages():
+        settings = getattr(search, stage)
+        if stage == "merge":
+            counts += sorted(settings.fidelities, reverse=True)
+        else:
+            counts.append(settings.num_samples or cfg.fid.num_samples)
+    return list(dict.fromkeys(metric_name(cfg, n) for n in counts))
+
+
 def _save_state(search_dir: Path, state: dict) -> None:
     tmp = search_dir / (STATE_FILE + ".tmp")
     tmp.write_text(json.dumps(state, indent=1))
@@ -136,7 +151,7 @@ def _save_state(search_dir: Path, state: dict) -> None:
 def run_search(cfg: PipelineConfig, *, resume: Path | None = None,
                log: Callable[[str], None] = log_line) -> SearchResult:
     started = time.time()
-    check_search_inputs(cfg)
+    dataset = check_search_inputs(cfg)
     check_output_dir(cfg.output_path())
     check_tracking_store(cfg.tracking_uri())  # an unreachable server fails here, in seconds, not after minutes
     search_dir, state = prepare_search_dir(cfg, resume)
@@ -144,6 +159,7 @@ def run_search(cfg: PipelineConfig, *, resume: Path | None = None,
     uri = cfg.tracking_uri()
     out = cfg.output_path()
     experiment_id = setup_experiment(uri, cfg.tracking.experiment, out / "mlartifacts")
+    runs_page = save_runs_view(uri, experiment_id, [*fid_metrics(cfg), "loss"])
 
     def adopt_or_start(key: str, name: str, parent: str | None, tags: dict) -> TrackedRun:
         run_id = state["stage_runs"].get(key) if key != "search" else state["parent_run_id"]
@@ -163,6 +179,7 @@ def run_search(cfg: PipelineConfig, *, resume: Path | None = None,
     parent = adopt_or_start("search", f"search-{search_dir.name}", None, {"ant_ray.stage": "search"})
     if resume is None:
         parent.log_params({k: v for k, v in cfg.model_dump(mode="json").items() if k != "search"})
+        parent.log_dataset(dataset, cfg.data.path if cfg.data.dataset != "digits" else None)
         parent.log_text(search_dir / "search.yaml", yaml.safe_dump(cfg.search.model_dump(mode="json"),
                                                                    sort_keys=False))
     else:
@@ -222,7 +239,7 @@ def run_search(cfg: PipelineConfig, *, resume: Path | None = None,
                                     resources=ResourcesConfig(cpu=resources.cpu, gpu=resources.gpu))
         result = SearchResult(search_dir=search_dir, tracking_uri=uri, parent_run_id=parent.run_id, stages=outcomes,
                               winner_model=winner_dir, final=repeated, final_images=final.num_samples * len(final.seeds),
-                              stage_run_ids=dict(state["stage_runs"]))
+                              stage_run_ids=dict(state["stage_runs"]), runs_page=runs_page)
         result.seconds = time.time() - started + state.get("seconds_before_resume", 0.0)
         _publish_search(result, parent, cfg)
         parent.finish()
@@ -234,7 +251,9 @@ def run_search(cfg: PipelineConfig, *, resume: Path | None = None,
             run.finish(status)
         state["seconds_before_resume"] = state.get("seconds_before_resume", 0.0) + time.time() - started
         _save_state(search_dir, state)
-        log(f"search stopped ({type(err).__name__}); continue it with: ant-ray search --resume {search_dir}")
+        why = {KeyboardInterrupt: "interrupted", SystemExit: "terminated"}.get(type(err), type(err).__name__)
+        log(f"search stopped ({why}); its folder is {search_dir}; continue it with: ant-ray search --resume "
+            f"{search_dir}")
         raise
 
 
@@ -274,7 +293,10 @@ def _save_winner(cfg: PipelineConfig, outcomes: dict[str, StageOutcome], search_
 
 def _publish_stage(outcome: StageOutcome, run: TrackedRun, search_dir: Path, cfg: PipelineConfig) -> None:
     """The stage's run: best score, fates, images, the trials table, Optuna's figures, the merge landscape."""
-    run.log_metrics({f"best_{outcome.metric}": outcome.best_score, "trials_finished": outcome.finished,
+    # The best score also under the metric's own name: the runs table's column for that metric then has a value
+    # on the stage's row, beside its trials'.
+    run.log_metrics({outcome.metric: outcome.best_score, f"best_{outcome.metric}": outcome.best_score,
+                     "trials_finished": outcome.finished,
                      "trials_stopped_early": outcome.stopped_early, "trials_diverged": outcome.diverged,
                      "trials_failed": outcome.failed, "images_generated": outcome.images_generated,
                      "seconds": outcome.seconds})
@@ -305,7 +327,8 @@ def _has_study(search_dir: Path, stage: str) -> bool:
 
 def _publish_search(result: SearchResult, parent: TrackedRun, cfg: PipelineConfig) -> None:
     metrics = {f"{name}_best_{o.metric}": o.best_score for name, o in result.stages.items()}
-    if result.final is not None:
+    if result.final is not None:  # the search's score, also under the metric's own name (the runs table's column)
+        metrics[result.final.metric] = result.final.mean
         metrics[f"final_{result.final.metric}_mean"] = result.final.mean
         if result.final.half_width is not None:
             metrics[f"final_{result.final.metric}_ci95"] = result.final.half_width

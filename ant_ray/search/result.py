@@ -35,6 +35,7 @@ class SearchResult:
     seconds: float = 0.0
     final_images: int = 0
     stage_run_ids: dict[str, str] = field(default_factory=dict)
+    runs_page: str | None = None  # the MLflow UI's page for the search's runs (tracking.save_runs_view)
 
     @property
     def best(self) -> dict[str, dict[str, Any]]:
@@ -80,5 +81,5 @@ class SearchResult:
                   f"winner model: {self.winner_model} (diffusers format)",
                   f"search directory: {self.search_dir}",
                   f"finished in {self.seconds / 60:.1f} min",
-                  f"MLflow UI: {ui_command(self.tracking_uri)}"]
+                  f"MLflow UI: {ui_command(self.tracking_uri, self.runs_page)}"]
         return "\n".join(lines)

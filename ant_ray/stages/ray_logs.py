@@ -1,10 +1,11 @@
 """What the terminal shows: ant_ray's own progress lines, not Ray's internals.
 
 Ray forwards every worker's output to the driver with a "(RayTrainWorker pid=...)" prefix, including Ray Train's
-report and checkpoint lines, a PreemptionWatcher error on every run start, worker-count warnings and the dedup
-notice. By default the driver keeps the lines ant_ray writes itself (shown without the prefix) and whatever is
-not known noise (errors stay visible); `ant-ray --verbose` (ANT_RAY_VERBOSE=1) shows everything as Ray prints it.
-"""
+report and checkpoint lines, a PreemptionWatcher error on every run start, the placement-group cleaner's warning
+after a stopped trial, and the dedup notice. By default the driver keeps the lines ant_ray writes itself (shown
+without the prefix) and whatever is not known noise (errors stay visible); `ant-ray --verbose` (ANT_RAY_VERBOSE=1)
+shows everything as Ray prints it. The raylet's worker-count warnings reach the driver another way; the private
+local Ray is configured so that they do not fire (ray_runtime.start_ray)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ RAY_NOISE = (
     "Ray deduplicates logs", "Failed to send resource request", "repeated", "has constructor arguments",
     "UserWarning: The reported value is ignored", "optuna_warn(", "Creating initial MLflow database tables",
     "Updating database tables",
+    # Train V2's detached PlacementGroupCleaner, after a scheduler stopped a trial (its controller went with it)
+    "Cleaning up placement group",
 )
 OWN_PREFIX = "["  # ant_ray's lines start with "[ant_ray ...]" or "[<run name>] ..."
 

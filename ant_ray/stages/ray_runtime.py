@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import ray
 
@@ -30,9 +32,11 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, env: d
     trainer gets its MLflow tracking URI in its arguments (`TrackedRun.handle()`), not from the environment."""
     if ray.is_initialized():
         return "already connected"
+    sigterm_handler = signal.getsignal(signal.SIGTERM)
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
+        _restore_sigterm_handler(sigterm_handler)
         install_worker_log_filter()
         return f"joined Ray at {address}"
     env_vars = dict(env or {})
@@ -44,12 +48,27 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, env: d
     api = f"http://127.0.0.1:{port}"
     os.environ["RAY_API_SERVER_ADDRESS"] = api
     env_vars["RAY_API_SERVER_ADDRESS"] = api
+    # The raylet warns on the terminal once more worker processes run than 4x the CPUs it may start at once
+    # (the machine's cores by default). Concurrent fractional trials each start a few (trial, Train controller,
+    # Train workers): let it start as many as the logical CPUs this Ray was given.
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(num_cpus or os.cpu_count() or 1))
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, runtime_env={"env_vars": env_vars}, log_to_driver=True,
              logging_level="WARNING")
+    _restore_sigterm_handler(sigterm_handler)
     install_worker_log_filter()
     _start_watchdog()
     return f"started a private local Ray ({int(ray.cluster_resources().get('CPU', 0))} CPUs, dashboard {api})"
+
+
+def _restore_sigterm_handler(before) -> None:
+    """Undo what ray.init does to SIGTERM: it installs a Python handler (sys.exit(15)) and, in C++, a crash
+    reporter that prints a stack trace and aborts the process (exit status 134) if it has not exited within 3 s,
+    which a search marking its MLflow runs and stopping Ray does not. Registering a Python handler again removes
+    the C++ one; the handler is the one the process had (the command line's: exit status 143), else Ray's."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers belong to the main thread
+        return
+    signal.signal(signal.SIGTERM, before if callable(before) else signal.getsignal(signal.SIGTERM))
 
 
 def _start_watchdog() -> None:

@@ -5,9 +5,10 @@ from ant_ray.training.device import worker_device
 from ant_ray.training.divergence import DivergenceGuard, TrainingDiverged, any_rank_diverged, check_finite_weights
 from ant_ray.training.ema import update_ema
 from ant_ray.training.precision import AUTOCAST_DTYPES
-from ant_ray.training.progress import progress_line
+from ant_ray.training.progress import progress_line, show_progress
 from ant_ray.training.randomness import step_generator, step_seed
 from ant_ray.training.state import load_training_state, save_training_state
 
-__all__ = ["AUTOCAST_DTYPES", "DivergenceGuard", "TrainingDiverged", "any_rank_diverged", "check_finite_weights", "load_training_state", "progress_line", "save_training_state", "step_generator", "step_seed",
-           "update_ema", "worker_device"]
+__all__ = ["AUTOCAST_DTYPES", "DivergenceGuard", "TrainingDiverged", "any_rank_diverged", "check_finite_weights",
+           "load_training_state", "progress_line", "save_training_state", "show_progress", "step_generator",
+           "step_seed", "update_ema", "worker_device"]
