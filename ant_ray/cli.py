@@ -119,6 +119,18 @@ def _load(args: argparse.Namespace, default: Path | None = None) -> PipelineConf
     return load_config(getattr(args, "config", None) or default, overrides)
 
 
+def _parse_intervals(text: str) -> list[tuple[int, int]]:
+    """--intervals '0,200;200,400' -> [(0, 200), (200, 400)]."""
+    try:
+        intervals = [tuple(int(x) for x in part.split(",")) for part in text.split(";")]
+    except ValueError:
+        intervals = []
+    if not intervals or any(len(interval) != 2 for interval in intervals):
+        raise ConfigError(f"--intervals expects half-open timestep intervals 'a,b;c,d' (e.g. '0,200;200,1000'), got "
+                          f"{text!r}")
+    return intervals
+
+
 def _exit_on_sigterm(signum, frame) -> None:
     # A killed job (SIGTERM from `ray job stop`, a scheduler, or kill) unwinds like Ctrl-C: MLflow runs are marked
     # FAILED and Ray's exit hook shuts down the private local cluster instead of leaving workers behind.
@@ -137,8 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "search" and args.config is None:
             if not args.resume:
                 raise ConfigError("ant-ray search needs a CONFIG file (see search_spaces/), or --resume SEARCH_DIR")
+            if not (Path(args.resume) / "config.yaml").is_file():
+                raise ConfigError(f"--resume {args.resume} is not a search folder (it has no config.yaml); pass the "
+                                  "folder the search printed, <output_dir>/searches/<name>-<date>-<id>")
             args.config = str(Path(args.resume) / "config.yaml")
         cfg = _load(args, default=SEARCH_SPACES / "quickstart.yaml")
+        intervals = _parse_intervals(args.intervals) if getattr(args, "intervals", None) else None
     except (ConfigError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -157,25 +173,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "analyze":
         from ant_ray.experiments.ntg import equal_intervals, run_ntg
 
-        def ntg_table() -> str:
-            intervals = ([tuple(int(x) for x in part.split(",")) for part in args.intervals.split(";")]
-                         if args.intervals else equal_intervals(cfg.ant.k, cfg.diffusion.T))
-            if any(len(i) != 2 for i in intervals):
-                raise ValueError("--intervals expects 'a,b;c,d' (half-open timestep intervals)")
-            return run_ntg(cfg, intervals).table()
-
-        return _print_table(ntg_table, errors=(ValueError,))
+        intervals = intervals or equal_intervals(cfg.ant.k, cfg.diffusion.T)
+        return _print_table(lambda: run_ntg(cfg, intervals).table(), errors=(ValueError,))
     report = Path(args.report) if getattr(args, "report", None) else None
     if args.command == "compare-ant":
         from ant_ray.experiments.ant_comparison import run_ant_comparison
 
-        return _print_table(lambda: run_ant_comparison(cfg, cfg.comparison.seeds, report=report).markdown(cfg.name),
-                            errors=())
+        return _print_table(lambda: run_ant_comparison(cfg, cfg.comparison.seeds, report=report).markdown(cfg.name))
     if args.command == "compare-deme":
         from ant_ray.experiments.deme_comparison import run_deme_comparison
 
-        return _print_table(lambda: run_deme_comparison(cfg, cfg.comparison.seeds, report=report).markdown(cfg.name),
-                            errors=())
+        return _print_table(lambda: run_deme_comparison(cfg, cfg.comparison.seeds, report=report).markdown(cfg.name))
     from ant_ray.experiments.pipeline import run_pipeline
 
     return _print_table(
@@ -185,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
 def _print_table(compute: Callable[[], str],
                  errors: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)) -> int:
     """Run a command and print its result table; an error of the given kinds (bad input found by the stage itself)
-    is printed as one line with exit status 2 instead of a traceback."""
+    or missing Inception weights is printed as one line with exit status 2 instead of a traceback."""
+    from ant_ray.fid import InceptionUnavailable
     from ant_ray.search.outcome import SearchStageFailed
     from ant_ray.stages.ray_logs import quiet_driver_logs
     from ant_ray.stages.ray_train import TrainingRunFailed
@@ -193,7 +202,7 @@ def _print_table(compute: Callable[[], str],
     quiet_driver_logs()
     try:
         table = compute()
-    except errors as err:
+    except (*errors, InceptionUnavailable) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (TrainingRunFailed, SearchStageFailed, FloatingPointError) as err:

@@ -374,12 +374,11 @@ def test_run_ant_two_workers_uw_gradient_clustering_equals_one_worker(local_ray,
     settings = ["ant.method=uw", "ant.steps=3", "ant.checkpoint_every=2", "ant.resources.num_workers=2",
                 "ant.clustering=gradient", "ant.affinity.buckets=10", "ant.affinity.samples_per_bucket=4",
                 "ant.weighting.name=p2", "fid.num_samples=32", "fid.batch_size=32", "sampler.steps=2",
-                "ant.affinity.warmup_steps=1", "ant.affinity.checkpoints=2"]
+                "ant.affinity.warmup_steps=1"]
     cfg = ant_config(*settings, tmp=tmp_path)
     result = run_ant(cfg)
-    # affinity averaged over two points of warm-up training (the second continues the first)
-    assert {p.name for p in (result.run_dir / "affinity").glob("warmup_model_*")} == {"warmup_model_1",
-                                                                                     "warmup_model_2"}
+    # affinity measured after one step of warm-up training (one Train run per warm-up point: one keeps the suite fast)
+    assert {p.name for p in (result.run_dir / "affinity").glob("warmup_model_*")} == {"warmup_model_1"}
 
     assert len(result.intervals) == K and result.intervals[0][0] == 0 and result.intervals[-1][1] == 1000
     assert np.load(result.affinity_file).shape == (10, 10)
@@ -401,10 +400,11 @@ def test_run_ant_two_workers_uw_gradient_clustering_equals_one_worker(local_ray,
     assert_same_training(result.run_dir, single)
 
 
-@pytest.mark.parametrize("method_name", ["pcgrad", "nash_mtl"])
+@pytest.mark.parametrize("method_name", ["nash_mtl"])
 def test_two_workers_equal_one_worker(method_name, local_ray, tmp_path):
-    """PCGrad: per-cluster gradients all-reduced then combined. Nash-MTL: step 0 refreshes its weights from the
-    all-reduced gradients, steps 1-2 take its one-backward path through DDP."""
+    """Nash-MTL covers both DDP paths of the methods: step 0 refreshes its weights from per-cluster gradients
+    all-reduced across workers (the path of PCGrad, CAGrad, MGDA, ...), steps 1-2 take the one-backward path
+    through DDP (the path of UW, RLW, ...; the UW test above covers it in the whole stage too)."""
     cfg = ant_config(f"ant.method={method_name}", "ant.steps=3", "ant.checkpoint_every=100",
                      "ant.resources.num_workers=2")
     TorchTrainer(train_ant, train_loop_config=loop_config(cfg, tmp_path / "two"),

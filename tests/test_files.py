@@ -7,6 +7,7 @@ task vectors, training checkpoints, the cached domain classifier and cached refe
 import multiprocessing
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,7 @@ from ant_ray.diffusion import build_model, load_model, model_is_complete, save_m
 from ant_ray.files import CorruptFileError, check_safetensors, publishing_file, publishing_folder, read_json
 from ant_ray.fid import DomainClassifierConfig, FeatureStats, load_or_train_domain_classifier
 from ant_ray.merge import load_task_vector, save_task_vector
+from ant_ray.stages.pretrain import cache_lock
 from ant_ray.training import load_training_state, save_training_state
 
 
@@ -319,3 +321,38 @@ def test_read_json_names_the_file(tmp_path):
     with pytest.raises(CorruptFileError) as error:
         read_json(path, fix="delete it")
     assert_one_line_naming(error, path)
+
+
+def _build_entry_once(entry: str, log: str) -> None:
+    """What `pretrained_model` does around training: check, lock, check again, build, publish."""
+    target = Path(entry)
+    if target.is_dir():
+        return
+    with cache_lock(target):
+        if target.is_dir():  # built by the other run while this one waited
+            with open(log, "a") as handle:
+                handle.write("reused\n")
+            return
+        with publishing_folder(target) as temporary:
+            time.sleep(1.0)  # long enough for the other process to arrive and wait
+            (temporary / "weights").write_text("whole")
+        with open(log, "a") as handle:
+            handle.write("built\n")
+
+
+def test_runs_sharing_an_output_dir_build_a_cache_entry_once(tmp_path):
+    entry, log = tmp_path / "cache" / "pretrained" / "key", tmp_path / "log"
+    context = multiprocessing.get_context("fork")  # the children only lock and write files
+    first = context.Process(target=_build_entry_once, args=(str(entry), str(log)))
+    first.start()
+    deadline = time.time() + 60
+    while not (tmp_path / "cache" / "locks").is_dir() and time.time() < deadline:
+        time.sleep(0.05)  # the first holds the lock before the second arrives
+    second = context.Process(target=_build_entry_once, args=(str(entry), str(log)))
+    second.start()
+    for process in (first, second):
+        process.join(120)
+        assert process.exitcode == 0
+    assert sorted(log.read_text().split()) == ["built", "reused"]
+    assert (entry / "weights").read_text() == "whole"
+    assert [p.name for p in entry.parent.iterdir()] == ["key"]  # no temporary folder left beside it

@@ -16,6 +16,7 @@ def test_routed_ranges_cover_and_route():
     assert equal_intervals(5, 1000) == [(0, 200), (200, 400), (400, 600), (600, 800), (800, 1000)]
 
 
+@pytest.mark.slow
 def test_ntg_tiny_run(tmp_path):
     cfg = load_config(None, [f"output_dir={tmp_path}", "data.resolution=8", "pretrain.steps=10",
                              "pretrain.batch_size=64", "pretrain.log_every=5", "pretrain.checkpoint_every=10",

@@ -29,6 +29,7 @@ def pipeline_result(tmp_path_factory):
     yield cfg, run_pipeline(cfg)
 
 
+@pytest.mark.slow
 def test_table_has_every_model(pipeline_result):
     cfg, result = pipeline_result
     assert result.metric == "fid100_domain"
@@ -42,6 +43,7 @@ def test_table_has_every_model(pipeline_result):
     assert (result.run_dir / "summary.txt").read_text().startswith("model")
 
 
+@pytest.mark.slow
 def test_artifacts_on_disk(pipeline_result):
     cfg, result = pipeline_result
     merged = load_model(result.run_dir / "merged" / "model")
@@ -59,6 +61,7 @@ def test_artifacts_on_disk(pipeline_result):
         assert any(k.startswith("channel_projections.") for k in tau)
 
 
+@pytest.mark.slow
 def test_mlflow_runs_nest(pipeline_result):
     cfg, result = pipeline_result
     client = MlflowClient(result.tracking_uri)
@@ -90,6 +93,7 @@ def test_cli_rejects_bad_config_before_starting(capsys, tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_resume_keeps_finished_specialists(pipeline_result):
     cfg, first = pipeline_result
     def task_vectors():
@@ -111,6 +115,7 @@ def test_resume_keeps_finished_specialists(pipeline_result):
         assert resumed.scores[key] == pytest.approx(first.scores[key])  # same models, same sampling seed
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_config(pipeline_result):
     cfg, first = pipeline_result
     other = load_config("search_spaces/pipeline_digits.yaml", TINY + [f"output_dir={cfg.output_dir}", "finetune.p=0.9"])

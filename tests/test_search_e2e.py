@@ -1,5 +1,5 @@
 """A tiny chained search through all three stages on real local Ray, real MLflow (SQLite), Optuna and FID:
-ant (a 2-point grid whose second point trains too slowly, so ASHA stops it) -> deme (TPE, ranges from the ant
+ant (a 2-point grid whose second point trains too slowly, so ASHA stops it) -> deme (ranges from the ant
 winner's intervals) -> merge (successive halving over 50 -> 100 samples, anchors first) -> final score."""
 
 import math
@@ -21,9 +21,9 @@ TINY_SEARCH = [
     "ant.ema_decay=0.5", "search.ant.space={ant.lr: {type: categorical, choices: [1.0e-7, 0.003]}}",
     "search.ant.max_concurrent=1", "search.ant.eval_every=30", "search.ant.scheduler.grace_period=30",
     "search.ant.num_samples=100",
-    # deme: 2 TPE trials side by side, N = the ant winner's k = 2 specialists each
+    # deme: one TPE trial (the config's p), N = the ant winner's k = 2 specialists side by side in one Ray Train run
     "finetune.steps=10", "finetune.batch_size=32", "finetune.log_every=5", "finetune.checkpoint_every=10",
-    "finetune.resources={cpu: 0.5, num_workers: 1}", "search.deme.num_trials=2", "search.deme.max_concurrent=2",
+    "finetune.resources={cpu: 0.5, num_workers: 1}", "search.deme.num_trials=1", "search.deme.max_concurrent=1",
     "search.deme.num_samples=50",
     # merge: 5 candidates at 50 samples (the 4 anchors first), the best 2 at 100
     "search.merge.fidelities=[50, 100]", "search.merge.num_candidates=5",
@@ -79,7 +79,7 @@ def test_mlflow_nests_search_stages_trials_and_train_runs(search):
         for trial in by_stage[f"{stage}_trial"]:
             assert trial.data.tags["mlflow.parentRunId"] == stage_run.info.run_id
     ant_trials = {r.info.run_id: r for r in by_stage["ant_trial"]}
-    assert len(ant_trials) == 2 and len(by_stage["deme_trial"]) == 2
+    assert len(ant_trials) == 2 and len(by_stage["deme_trial"]) == 1
     stopped = [r for r in ant_trials.values() if r.data.tags.get("ant_ray.fate") == "stopped_early"]
     assert len(stopped) == 1 and stopped[0].info.status == "KILLED"
     for trial in ant_trials.values():
@@ -117,3 +117,16 @@ def test_merge_scores_the_anchors_first(search):
     merge = result.trials[result.trials["stage"] == "merge"]
     top = merge[merge["rung"] == merge["rung"].max()]
     assert result.stages["merge"].best_score == top["fid"].min()
+
+
+def test_resuming_a_finished_search_reruns_no_stage(search):
+    """A chained search continues at the stage it had reached: here every stage is done, so only the final
+    re-score runs again, into the same MLflow runs."""
+    cfg, result = search
+    again = run_search(cfg, resume=result.search_dir)
+    assert again.best == result.best and again.parent_run_id == result.parent_run_id
+    assert list(again.trials["trial_id"]) == list(result.trials["trial_id"])
+    assert list(again.trials["fate"]) == list(result.trials["fate"])
+    _, runs, by_stage = _runs(cfg, again)
+    assert len(by_stage["search"]) == 1 and len(by_stage["ant_trial"]) == 2 and len(by_stage["merge_trial"]) == 5
+    assert by_stage["search"][0].info.status == "FINISHED"

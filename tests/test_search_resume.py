@@ -1,6 +1,6 @@
 """Kill the driver of a running search with SIGKILL, then resume it: the trial that had finished is not rerun, the
-same MLflow runs continue (one parent per search folder), the chained stage runs, and the private Ray the killed
-driver started leaves no process behind."""
+same MLflow runs continue (one parent per search folder), and the private Ray the killed driver started leaves no
+process behind. (Skipping the stages a search had finished is tested in test_search_e2e.py.)"""
 
 import os
 import signal
@@ -16,12 +16,10 @@ from ant_ray.search.chain import run_search
 from ant_ray.stages.ray_watchdog import alive, descendants, start_time
 
 SEARCH = [
-    "ray.num_cpus=4", "fid.batch_size=50", "sampler.steps=4", "search.merge=null",
+    "ray.num_cpus=4", "fid.batch_size=50", "sampler.steps=4", "search.merge=null", "search.deme=null",
     "ant.steps=20", "ant.batch_size=32", "ant.log_every=10", "ant.checkpoint_every=10", "ant.k=2",
     "search.ant.space={ant.lr: {type: categorical, choices: [0.003, 0.002]}}", "search.ant.max_concurrent=1",
     "search.ant.eval_every=10", "search.ant.scheduler.name=fifo", "search.ant.num_samples=50",
-    "finetune.steps=10", "finetune.batch_size=32", "finetune.log_every=5", "finetune.checkpoint_every=10",
-    "search.deme.space={}", "search.deme.num_samples=50",
     "search.final.num_samples=50", "search.final.seeds=[0]",
 ]
 
@@ -67,7 +65,7 @@ def test_resume_after_killing_the_driver(tmp_path):
     cfg = load_config(search_dir / "config.yaml")
     result = run_search(cfg, resume=search_dir)
     assert finished.stat().st_mtime_ns == mtime  # the finished trial was not trained or scored again
-    assert list(result.stages) == ["ant", "deme"] and result.search_dir == search_dir
+    assert list(result.stages) == ["ant"] and result.search_dir == search_dir
     assert sorted(result.trials[result.trials["stage"] == "ant"]["fate"]) == ["finished", "finished"]
 
     client = MlflowClient(cfg.tracking_uri())
@@ -75,7 +73,34 @@ def test_resume_after_killing_the_driver(tmp_path):
     runs = client.search_runs([exp.experiment_id], max_results=200)
     stages = [r.data.tags.get("ant_ray.stage") for r in runs]
     assert stages.count("search") == 1 and stages.count("ant_search") == 1  # continued, not opened again
-    assert stages.count("ant_trial") == 2 and stages.count("deme_trial") == 1
+    assert stages.count("ant_trial") == 2 and stages.count("ant_train") == 2
     assert all(r.info.status != "RUNNING" for r in runs)
     parent = next(r for r in runs if r.data.tags.get("ant_ray.stage") == "search")
     assert parent.info.status == "FINISHED" and parent.data.tags.get("ant_ray.resumed") == "True"
+
+
+def test_sigterm_stops_a_search_cleanly_with_status_143(tmp_path):
+    """`kill` (a scheduler, `ray job stop`): the open MLflow runs are marked KILLED, the folder and the exact
+    --resume command are printed, no C++ abort trace, exit status 143."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "ant_ray.cli", "search", "search_spaces/quickstart.yaml", "--output-dir",
+               str(out)] + [arg for o in SEARCH for arg in ("--set", o)]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, cwd=Path(__file__).resolve().parent.parent)
+    try:
+        _wait_for(lambda: list(out.glob("searches/*/ant")), "the ant stage started", proc)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143, output
+    (search_dir,) = out.glob("searches/*")
+    assert f"continue it with: ant-ray search --resume {search_dir}" in output
+    assert "Traceback" not in output and "Aborted" not in output and "SIGABRT" not in output, output
+
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("ant_ray-quickstart").experiment_id])
+    by_stage = {r.data.tags.get("ant_ray.stage"): r for r in runs}
+    assert by_stage["search"].info.status == "KILLED" and by_stage["ant_search"].info.status == "KILLED"

@@ -245,13 +245,7 @@ class FeatureStats:
         """Read a file written by `save` (never unpickles). A truncated or garbage file is a one-line
         CorruptFileError naming it."""
         fix = "delete it; cached statistics are recomputed on the next run"
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
-        except FileNotFoundError:
-            raise
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
-            raise CorruptFileError(path, f"is truncated or not an .npz file ({error})", fix) from None
+        arrays = _read_npz(path, fix)
         missing = {"mu", "sigma", "n"} - set(arrays)
         if missing:
             raise CorruptFileError(path, f"is not a FeatureStats file: it lacks {sorted(missing)}", fix)
@@ -259,6 +253,18 @@ class FeatureStats:
             return cls(mu=arrays["mu"], sigma=arrays["sigma"], n=int(arrays["n"]))
         except (TypeError, ValueError) as error:
             raise CorruptFileError(path, f"holds invalid statistics ({error})", fix) from None
+
+
+def _read_npz(path: str | os.PathLike, fix: str) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, never unpickling; a truncated or garbage file is a CorruptFileError naming it
+    and ``fix``."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {name: data[name] for name in data.files}
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
+        raise CorruptFileError(path, f"is truncated or not an .npz file ({error})", fix) from None
 
 
 class StreamingFeatureStats:
@@ -308,13 +314,7 @@ class StreamingFeatureStats:
     @classmethod
     def load(cls, path: str | os.PathLike) -> "StreamingFeatureStats":
         fix = "delete it; the stream starts again"
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {name: data[name] for name in data.files}
-        except FileNotFoundError:
-            raise
-        except (zipfile.BadZipFile, EOFError, OSError, ValueError) as error:
-            raise CorruptFileError(path, f"is truncated or not an .npz file ({error})", fix) from None
+        arrays = _read_npz(path, fix)
         if {"n", "mean", "centred_outer"} - set(arrays):
             raise CorruptFileError(path, "is not a saved feature stream", fix)
         running = cls(int(arrays["mean"].shape[0]))

@@ -134,13 +134,21 @@ def _tags(stage: str, cfg: PipelineConfig, metric: str, num_samples: int) -> dic
     return tags
 
 
-def ant_trial(config: dict[str, Any], *, context: TrainingStageContext) -> None:
+def _start_trial(config: dict[str, Any], context: TrainingStageContext):
+    """The trial's sampled values, id, folder and configuration; None when a restored trial had already finished."""
     values = trial_values(config)
     trial_id = tune.get_context().get_trial_id()
     folder = trial_folder(Path(context.stage_dir), trial_id)
     if _already_finished(folder):
+        return None
+    return values, trial_id, folder, with_values(PipelineConfig.model_validate(context.cfg_dump), values)
+
+
+def ant_trial(config: dict[str, Any], *, context: TrainingStageContext) -> None:
+    started = _start_trial(config, context)
+    if started is None:
         return
-    cfg = with_values(PipelineConfig.model_validate(context.cfg_dump), values)
+    values, trial_id, folder, cfg = started
     import numpy as np
 
     affinity = np.asarray(context.affinity) if context.affinity is not None else None
@@ -180,12 +188,10 @@ def specialist_ranges_for(context: TrainingStageContext, cfg: PipelineConfig) ->
 
 
 def deme_trial(config: dict[str, Any], *, context: TrainingStageContext) -> None:
-    values = trial_values(config)
-    trial_id = tune.get_context().get_trial_id()
-    folder = trial_folder(Path(context.stage_dir), trial_id)
-    if _already_finished(folder):
+    started = _start_trial(config, context)
+    if started is None:
         return
-    cfg = with_values(PipelineConfig.model_validate(context.cfg_dump), values)
+    values, trial_id, folder, cfg = started
     ranges = specialist_ranges_for(context, cfg)
     if context.ranges == "ant":
         cfg = with_values(cfg, {"finetune.num_specialists": len(ranges)})

@@ -48,6 +48,10 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, env: d
     api = f"http://127.0.0.1:{port}"
     os.environ["RAY_API_SERVER_ADDRESS"] = api
     env_vars["RAY_API_SERVER_ADDRESS"] = api
+    # Train V2 starts a PreemptionWatcher actor (one more process importing Ray Train) per run to follow node
+    # draining on autoscaled clusters; a private one-machine Ray is never drained. A joined cluster keeps it.
+    env_vars.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
+                                                                           "0"))
     # The raylet warns on the terminal once more worker processes run than 4x the CPUs it may start at once
     # (the machine's cores by default). Concurrent fractional trials each start a few (trial, Train controller,
     # Train workers): let it start as many as the logical CPUs this Ray was given.
