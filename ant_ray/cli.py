@@ -131,13 +131,28 @@ def _parse_intervals(text: str) -> list[tuple[int, int]]:
     return intervals
 
 
+_signals_received: list[int] = []
+
+
 def _exit_on_sigterm(signum, frame) -> None:
     # A killed job (SIGTERM from `ray job stop`, a scheduler, or kill) unwinds like Ctrl-C: MLflow runs are marked
-    # FAILED and Ray's exit hook shuts down the private local cluster instead of leaving workers behind.
+    # KILLED and Ray's exit hook shuts down the private local cluster instead of leaving workers behind.
+    _signals_received.append(signum)
     raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run_command(argv)
+    except SystemExit:
+        # Ray and Tune code that the SystemExit unwinds through may replace it with SystemExit(1); a terminated
+        # process still exits 128 + the signal, as shells and schedulers expect.
+        if _signals_received:
+            return 128 + _signals_received[0]
+        raise
+
+
+def _run_command(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ["ANT_RAY_VERBOSE"] = "1"  # inherited by the private Ray's workers
