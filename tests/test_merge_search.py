@@ -48,6 +48,7 @@ def test_grid_axis():
     assert grid_axis(0.0, 1.5, 0.25) == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
 
 
+@pytest.mark.slow
 def test_grid_coarse_then_fine(setup):
     out, base_dir, paths, uri, exp = setup
     cfg, stage = _stage(out, uri, exp, "grid", ["merge_search.weight_low=0", "merge_search.weight_high=1",

@@ -123,10 +123,12 @@ def run_training_stage(stage: str, setup: StageSetup, *, ant_winner: dict | None
                                 reduction_factor=settings.scheduler.reduction_factor)
     setup.log(f"{stage} stage: {settings.trial_count()} trials, {settings.max_concurrent} at a time, "
               f"{settings.searcher.name} searcher, {settings.scheduler.name} scheduler, scored by {metric}")
+    # No actor reuse here: Tune cannot reset the actor of a function trainable that ASHA stopped mid-training and
+    # fails the next trial instead, and a trial is a whole Ray Train run anyway (the merge stage reuses them).
     results = run_tune(
         trainable, name="tune", storage=stage_dir, resume=setup.resume, param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=trials,
-                                    max_concurrent_trials=settings.max_concurrent, reuse_actors=True),
+                                    max_concurrent_trials=settings.max_concurrent, reuse_actors=False),
         run_config=tune.RunConfig(name="tune", storage_path=str(stage_dir), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=settings.trial_max_failures),
                                   callbacks=[TrialTracker(setup.tracking_uri, stage_dir, metric, steps),
