@@ -367,6 +367,7 @@ def assert_same_training(two: Path, one: Path) -> None:
         assert float((va - vb).norm()) <= 1e-4 * float(vb.norm()), moment
 
 
+@pytest.mark.slow
 def test_run_ant_two_workers_uw_gradient_clustering_equals_one_worker(local_ray, tmp_path, monkeypatch):
     """The whole stage: affinity -> gradient clustering -> 2 DDP workers -> FID, tracked in MLflow; then the same
     training in one process gives the same model."""

@@ -37,6 +37,7 @@ def test_probabilistic_sampling():
     assert all(((sample_timesteps(64, 1000, (200, 300), 0.0, gen) >= 200)).all() for _ in range(10))
 
 
+@pytest.mark.slow
 def test_specialists_side_by_side_equal_specialists_alone(tmp_path, ray_local):
     """One Ray Train run with two worker groups trains exactly what a separate run of one specialist trains (each
     keeps its own seed, data order and checkpoint files), also when that run is interrupted after a checkpoint and

@@ -63,6 +63,7 @@ def test_grid_coarse_then_fine(setup):
     assert outcome.best_score == pytest.approx(trials["fid"].min())
 
 
+@pytest.mark.slow
 def test_successive_halving_with_ties_and_layer_groups(setup):
     out, base_dir, paths, uri, exp = setup
     cfg, stage = _stage(out, uri, exp, "halving", ["merge_search.method=ties",
