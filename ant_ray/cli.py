@@ -144,6 +144,9 @@ def _exit_on_sigterm(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     try:
         return _run_command(argv)
+    except KeyboardInterrupt:  # Ctrl-C: the command has said what it stopped (a search: how to resume it)
+        print("interrupted", file=sys.stderr)
+        return 130
     except SystemExit:
         # Ray and Tune code that the SystemExit unwinds through may replace it with SystemExit(1); a terminated
         # process still exits 128 + the signal, as shells and schedulers expect.

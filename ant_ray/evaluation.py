@@ -4,7 +4,7 @@ plan a training loop follows to score itself at fixed steps (what a search trial
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +13,10 @@ import torch
 from ant_ray.config import PipelineConfig
 from ant_ray.data import ImageDataset, load_dataset
 from ant_ray.diffusion import Denoiser, NoiseSchedule, load_model, model_denoiser, sample_images
+from ant_ray.evaluation_plan import EvaluationPlan
 from ant_ray.fid import (StreamingFeatureStats, build_feature_extractor, extend_feature_stream, fid_metric_name,
                          reference_stats)
-from ant_ray.merge import TaskVectorMerger, anchor_weights, compute_task_vector, random_weights
+from ant_ray.merge import TaskVectorMerger, compute_task_vector
 from ant_ray.training.progress import show_progress
 
 
@@ -103,45 +104,6 @@ class FIDScorer:
 
 
 # ------------------------------------------------------------------------------------------ scoring inside a loop
-
-
-@dataclass
-class EvaluationPlan:
-    """FID at fixed steps inside a training loop: every ``every`` steps and at the last one, on ``num_samples``
-    samples. With ``base_model`` the loop's models are DeMe specialists of that base, and what is scored is their
-    merged model: plain task arithmetic, or (merge="search") the best of the anchors and ``candidates`` random
-    weight vectors in [weight_low, weight_high]."""
-    num_samples: int
-    cache_dir: str
-    every: int | None = None
-    base_model: str | None = None
-    merge: str = "task_arithmetic"
-    candidates: int = 0
-    weight_low: float = 0.0
-    weight_high: float = 1.5
-    seed: int = 0
-
-    def dump(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dump(cls, dump: dict[str, Any] | None) -> "EvaluationPlan | None":
-        return None if dump is None else cls(**dump)
-
-    def due(self, step: int, total_steps: int) -> bool:
-        return step == total_steps or (self.every is not None and step % self.every == 0)
-
-    def metric(self, cfg: PipelineConfig) -> str:
-        return metric_name(cfg, self.num_samples)
-
-    def scorer(self, cfg: PipelineConfig, device: torch.device) -> FIDScorer:
-        return FIDScorer(cfg, Path(self.cache_dir), device=device)
-
-    def weight_candidates(self, n: int) -> list[list[float]]:
-        if self.merge == "task_arithmetic":
-            return [[1.0] * n]
-        return (anchor_weights(n, self.weight_low, self.weight_high)
-                + random_weights(n, self.candidates, self.weight_low, self.weight_high, self.seed))
 
 
 @dataclass

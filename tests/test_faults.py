@@ -138,6 +138,7 @@ def _runs(tracking_uri: str, experiment: str) -> dict[str, list]:
 # ------------------------------------------------------------------------------------------------ divergence
 
 
+@pytest.mark.slow  # about 35 s; in the default suite the search's diverged trial (below) covers the mechanism
 def test_a_diverged_run_fails_in_one_line_and_publishes_nothing(cluster, tmp_path, capsys):
     """The reported reproduction (`ant-ray run ... --set pretrain.lr=1e6`) on a tiny budget."""
     out = tmp_path / "out"
@@ -270,26 +271,35 @@ def specialist(tmp_path_factory):
     return SimpleNamespace(folder=folder, reference=load_model(folder / "out" / init.name).state_dict())
 
 
-def _fit_through(fault, name: str, cluster: Cluster, specialist) -> SimpleNamespace:
-    """Train the specialist on the cluster (one 1-CPU worker, one restart allowed) in a background thread. Once the
-    run has registered its first checkpoint, its initial weights are replaced by others (so only a resume from the
-    checkpoint can still end at the reference weights) and `fault(worker)` strikes its worker, here on the main
-    thread."""
+def _fit_through(faults, name: str, cluster: Cluster, specialist) -> SimpleNamespace:
+    """Train the specialist on the cluster (one 1-CPU worker, one restart allowed per fault) in a background thread.
+    Once the run has registered its first checkpoint, its initial weights are replaced by others (so only a resume
+    from a checkpoint can still end at the reference weights); then each `fault(worker)` in turn strikes the worker
+    training at that moment, here on the main thread, each after the run registered a checkpoint since the last."""
     _connect(cluster)
     folder = specialist.folder
     cfg = load_config(None, FINETUNE + [f"output_dir={folder}", "finetune.resources={cpu: 1, num_workers: 1}"])
     init = save_model(load_model(folder / "base"), folder / f"init-{name}")
     before = {a.actor_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True)}
+    snapshot = folder / "ray" / name / SNAPSHOT
     pool = ThreadPoolExecutor(1)
     running = pool.submit(fit, train_diffusion, {
         "pipeline": cfg.worker_dump(), "section": "finetune", "name": name,
         "models": [_specialist(folder, init)], "evaluation": None},
-        name=name, storage=folder / "ray", resources=cfg.finetune.resources, max_failures=1)
+        name=name, storage=folder / "ray", resources=cfg.finetune.resources, max_failures=len(faults))
+    struck: list = []
     try:
-        _wait_for(lambda: (folder / "ray" / name / SNAPSHOT).is_file(), "the first checkpoint", running)
+        _wait_for(snapshot.is_file, "the first checkpoint", running)
         save_model(build_model("tiny", resolution=8, channels=1, seed=1), init)
-        (worker,) = [a for a in _alive("RayTrainWorker") if a.actor_id not in before]
-        fault(worker)
+        for fault in faults:
+            if struck:  # the restarted worker has registered a checkpoint of its own
+                _wait_for(lambda: snapshot.stat().st_mtime_ns > registered, "a checkpoint after the restart", running)
+            (worker,) = _wait_for(lambda: [a for a in _alive("RayTrainWorker")
+                                           if a.actor_id not in before | {w.actor_id for w in struck}],
+                                  "a training worker", running)
+            registered = snapshot.stat().st_mtime_ns
+            fault(worker)
+            struck.append(worker)
         # A bound on the wait: after a lost node, Train retries starting its workers without end by default
         # (FailureConfig.controller_failure_limit=-1).
         result = running.result(timeout=300)
@@ -297,7 +307,7 @@ def _fit_through(fault, name: str, cluster: Cluster, specialist) -> SimpleNamesp
         pool.shutdown(wait=False)
     workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True)
                if a.actor_id not in before]
-    return SimpleNamespace(result=result, struck=worker, workers=workers,
+    return SimpleNamespace(result=result, struck=struck, workers=workers,
                            weights=load_model(folder / "out" / init.name).state_dict())
 
 
@@ -307,18 +317,14 @@ def _assert_equal_weights(weights: dict, reference: dict) -> None:
         torch.testing.assert_close(weights[key], reference[key], rtol=0, atol=0, msg=key)
 
 
-def test_a_train_run_survives_losing_its_node(cluster, specialist):
-    run = _fit_through(lambda worker: cluster.remove_node(_node(cluster, worker.node_id)), "lost-node",
-                       cluster, specialist)
+def test_a_train_run_survives_a_killed_worker_then_losing_its_node(cluster, specialist):
+    """Two faults in one run (each restart costs a run's start-up, so one run carries both): the worker process is
+    killed, and once its replacement has checkpointed, the replacement's node is removed."""
+    run = _fit_through([lambda worker: os.kill(worker.pid, signal.SIGKILL),
+                        lambda worker: cluster.remove_node(_node(cluster, worker.node_id))],
+                       "two-faults", cluster, specialist)
     assert run.result.metrics["step"] == 60
-    assert len(run.workers) == 2, "no restart: the run ended before its node was removed"
-    (replacement,) = [a for a in run.workers if a.actor_id != run.struck.actor_id]
-    assert replacement.node_id != run.struck.node_id  # restarted on another node
-    _assert_equal_weights(run.weights, specialist.reference)
-
-
-def test_a_train_run_survives_a_killed_worker(cluster, specialist):
-    run = _fit_through(lambda worker: os.kill(worker.pid, signal.SIGKILL), "killed-worker", cluster, specialist)
-    assert run.result.metrics["step"] == 60
-    assert len(run.workers) == 2, "no restart: the run ended before its worker was killed"
+    assert len(run.workers) == 3, "a fault came after the run had ended: no restart"
+    (last,) = [a for a in run.workers if a.actor_id not in {w.actor_id for w in run.struck}]
+    assert last.node_id != run.struck[1].node_id  # restarted on another node
     _assert_equal_weights(run.weights, specialist.reference)

@@ -12,7 +12,7 @@ LAYERS = [
                  "ant_ray.ant.affinity", "ant_ray.ant.affinity_stage", "ant_ray.mtl", "ant_ray.merge",
                  "ant_ray.diffusion", "ant_ray.data", "ant_ray.fid", "ant_ray.deme.projection", "ant_ray.training"]),
     ("config", ["ant_ray.config"]),
-    ("loops", ["ant_ray.tracking", "ant_ray.evaluation", "ant_ray.ant.train", "ant_ray.deme.finetune",
+    ("loops", ["ant_ray.tracking", "ant_ray.evaluation", "ant_ray.evaluation_plan", "ant_ray.ant.train", "ant_ray.deme.finetune",
                "ant_ray.deme.ranges", "ant_ray.ant", "ant_ray.deme"]),
     ("stages", ["ant_ray.stages"]),
     ("search", ["ant_ray.search"]),

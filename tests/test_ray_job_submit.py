@@ -184,6 +184,8 @@ def _talk_to_our_head(monkeypatch):
 
 
 # The job's entrypoint after `python`: one parameter, so that other entry points can run through the same test.
+# Opt-in (about 100 s: a head of its own, the job's driver, a Train run): CI's 20 minutes on 2 cores do not fit it.
+@pytest.mark.slow
 @pytest.mark.parametrize("entrypoint", [["jobs/search.py", "search_spaces/quickstart.yaml"]],
                          ids=lambda args: args[0])
 def test_ray_job_submit_runs_a_search_on_a_cluster(ray_head, tmp_path, entrypoint):

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from ant_ray.config import load_config
@@ -18,7 +19,8 @@ from ant_ray.stages.ray_watchdog import alive, descendants, start_time
 SEARCH = [
     "ray.num_cpus=4", "fid.batch_size=50", "sampler.steps=4", "search.merge=null", "search.deme=null",
     "ant.steps=20", "ant.batch_size=32", "ant.log_every=10", "ant.checkpoint_every=10", "ant.k=2",
-    "search.ant.space={ant.lr: {type: categorical, choices: [0.003, 0.002]}}", "search.ant.max_concurrent=1",
+    # both trials at once: the driver is killed when one has finished, the other is interrupted or done
+    "search.ant.space={ant.lr: {type: categorical, choices: [0.003, 0.002]}}", "search.ant.max_concurrent=2",
     "search.ant.eval_every=10", "search.ant.scheduler.name=fifo", "search.ant.num_samples=50",
     "search.final.num_samples=50", "search.final.seeds=[0]",
 ]
@@ -79,9 +81,11 @@ def test_resume_after_killing_the_driver(tmp_path):
     assert parent.info.status == "FINISHED" and parent.data.tags.get("ant_ray.resumed") == "True"
 
 
-def test_sigterm_stops_a_search_cleanly_with_status_143(tmp_path):
-    """`kill` (a scheduler, `ray job stop`): the open MLflow runs are marked KILLED, the folder and the exact
-    --resume command are printed, no C++ abort trace, exit status 143."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_signal_stops_a_search_cleanly(tmp_path, signum):
+    """`kill` (a scheduler, `ray job stop`) or Ctrl-C: the open MLflow runs are marked KILLED, the folder and the
+    exact --resume command are printed, no C++ abort trace, exit status 128 + the signal (143, 130)."""
     out = tmp_path / "out"
     command = [sys.executable, "-m", "ant_ray.cli", "search", "search_spaces/quickstart.yaml", "--output-dir",
                str(out)] + [arg for o in SEARCH for arg in ("--set", o)]
@@ -89,13 +93,13 @@ def test_sigterm_stops_a_search_cleanly_with_status_143(tmp_path):
                             start_new_session=True, cwd=Path(__file__).resolve().parent.parent)
     try:
         _wait_for(lambda: list(out.glob("searches/*/ant")), "the ant stage started", proc)
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         output, _ = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    assert proc.returncode == 143, output
+    assert proc.returncode == 128 + signum, output
     (search_dir,) = out.glob("searches/*")
     assert f"continue it with: ant-ray search --resume {search_dir}" in output
     assert "Traceback" not in output and "Aborted" not in output and "SIGABRT" not in output, output

@@ -202,3 +202,17 @@ def test_a_continued_stream_equals_a_fresh_one(tmp_path):
     with pytest.raises(ValueError, match="whole batch"):
         extend_feature_stream(_sampler, extend_feature_stream(_sampler, None, 30, 30, _Features(), 7), 100, 50,
                               _Features(), 7)
+
+
+def test_a_training_trials_process_does_not_import_the_training_stack():
+    """A Tune trial of the ant / deme stage only builds and watches its Ray Train run: importing the trial functions
+    (as its process does, to unpickle them) and the loop entry points (as Ray Train pickles them) must not load
+    diffusers, the data or the scorer, which cost every trial's process about 5 CPU-seconds."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ant_ray.search.trials, ant_ray.stages.train_loops, ant_ray.search.callbacks; "
+            "print(sorted(m for m in ('diffusers', 'sklearn', 'ant_ray.evaluation', 'ant_ray.ant.train', "
+            "'ant_ray.deme.finetune') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", f"a trial's process imports {loaded}"

@@ -57,7 +57,8 @@ from ant_ray.diffusion import (NoiseSchedule, build_model, build_weighting, diff
                                model_denoiser, model_is_complete, save_model)
 from ant_ray.mtl import MTLMethod, build_mtl_method, flat_grad, flatten_grads, write_flat_grad
 from ant_ray.tracking import TrackedRun, loss_curve_figure
-from ant_ray.evaluation import EvaluationPlan, score_merged_states
+from ant_ray.evaluation import score_merged_states
+from ant_ray.evaluation_plan import EvaluationPlan
 from ant_ray.training import (AUTOCAST_DTYPES, DivergenceGuard, TrainingDiverged, any_rank_diverged,
                               load_training_state, progress_line, save_training_state, show_progress, step_generator,
                               step_seed, update_ema, worker_device)

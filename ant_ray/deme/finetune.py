@@ -35,7 +35,8 @@ from ant_ray.config import PipelineConfig, TrainConfig
 from ant_ray.data import iterate_batches, load_dataset, save_image_grid
 from ant_ray.diffusion import (NoiseSchedule, build_model, build_weighting, load_model, model_denoiser,
                                per_sample_loss, sample_images, save_model, weighted_loss)
-from ant_ray.evaluation import EvaluationPlan, score_merged_states
+from ant_ray.evaluation import score_merged_states
+from ant_ray.evaluation_plan import EvaluationPlan
 from ant_ray.tracking import TrackedRun, loss_curve_figure
 from ant_ray.training import (AUTOCAST_DTYPES, DivergenceGuard, any_rank_diverged, load_training_state, progress_line,
                               save_training_state, show_progress, step_generator, step_seed, update_ema, worker_device)

@@ -19,9 +19,9 @@ from ant_ray.config import PipelineConfig
 from ant_ray.evaluation import metric_name
 from ant_ray.stages.evaluate import score_in_parallel
 from ant_ray.stages.ray_runtime import start_ray
-from ant_ray.deme.finetune import train_diffusion
 from ant_ray.stages.pretrain import pretrained_model
 from ant_ray.stages.ray_train import fit
+from ant_ray.stages.train_loops import diffusion_loop
 from ant_ray.tracking import TrackedRun, setup_experiment, worker_env
 
 
@@ -91,7 +91,7 @@ def run_ntg(cfg: PipelineConfig, intervals: list[tuple[int, int]]) -> NTGResult:
         models = [{"range": [a, b], "init_model": None, "teacher_model": None, "tracking": None, "seed": cfg.seed,
                    "output_model": str(run_dir / f"interval_{a}_{b}" / "model"), "name": f"interval-{a}-{b}"}
                   for a, b in intervals]
-        fit(train_diffusion, {"pipeline": cfg.worker_dump(), "section": "pretrain",
+        fit(diffusion_loop, {"pipeline": cfg.worker_dump(), "section": "pretrain",
                               "name": f"ntg-{run_dir.name}", "models": models, "evaluation": None},
             name=f"ntg-{run_dir.name}", storage=out / "ray_results", resources=cfg.pretrain.resources,
             models=len(models))

@@ -18,7 +18,8 @@ from ray import tune
 from ant_ray.config import PipelineConfig, TrainingStageSearch
 from ant_ray.deme.projection import add_channel_projections
 from ant_ray.diffusion import PRESETS, load_model, model_is_complete, save_model
-from ant_ray.evaluation import EvaluationPlan, metric_name
+from ant_ray.evaluation import metric_name
+from ant_ray.evaluation_plan import EvaluationPlan
 from ant_ray.search.callbacks import TrialStatusPrinter, TrialTracker, trial_folder
 from ant_ray.search.outcome import SearchStageFailed, StageOutcome, count_fates, fate, finite
 from ant_ray.search.searchers import build_optuna_search, build_scheduler

@@ -17,14 +17,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
 from ant_ray.ant.clustering import interval_clustering
 from ant_ray.config import PipelineConfig, with_values
-from ant_ray.diffusion import NoiseSchedule, load_model, model_denoiser
-from ant_ray.evaluation import EvaluationPlan, FIDScorer
+from ant_ray.diffusion import NoiseSchedule, model_denoiser
+from ant_ray.evaluation_plan import EvaluationPlan
 from ant_ray.fid import StreamingFeatureStats
 from ant_ray.merge import TaskVectorMerger, load_task_vector
 from ant_ray.search.callbacks import RUN_ID_FILE, TRAIN_RUN_IDS_FILE, ScoreReportCallback, trial_folder
@@ -33,6 +33,9 @@ from ant_ray.stages.ant_train import fit_ant, resolve_clusters
 from ant_ray.stages.deme_finetune import finetune_specialists
 from ant_ray.stages.ray_train import TrainingRunFailed
 from ant_ray.tracking import TrackedRun
+
+if TYPE_CHECKING:
+    from ant_ray.evaluation import FIDScorer
 
 RESULT_FILE = "result.json"  # a finished trial's final report, re-reported on resume
 
@@ -248,7 +251,11 @@ class MergeContext:
 _PROCESS_CACHE: dict[Any, Any] = {}  # per process (Tune reuses trial actors): the scorer, the model and the merger
 
 
-def _merge_tools(context: MergeContext) -> tuple[FIDScorer, Any, TaskVectorMerger]:
+def _merge_tools(context: MergeContext) -> tuple["FIDScorer", Any, TaskVectorMerger]:
+    # Imported here: a training trial's process never scores, and importing the scorer (diffusers) costs seconds.
+    from ant_ray.diffusion.models import load_model
+    from ant_ray.evaluation import FIDScorer
+
     key = (context.stage_dir, context.base_model, context.task_vectors)
     if _PROCESS_CACHE.get("key") != key:
         cfg = PipelineConfig.model_validate(context.cfg_dump)

@@ -3,6 +3,7 @@ experiment (`run_tune`)."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,9 @@ def run_tune(trainable, *, name: str, storage: Path, resume: bool, param_space: 
              tune_config: tune.TuneConfig, run_config: tune.RunConfig) -> tune.ResultGrid:
     """Run a Tune experiment, or continue it (finished trials kept, unfinished ones resumed) if it was started."""
     path = storage / name
+    # Ctrl-C then stops the search as SIGTERM does (KeyboardInterrupt: runs marked KILLED, the --resume line).
+    # Tune's own handler would end the experiment quietly, as if every running trial had been stopped early.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     if resume and tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)

@@ -26,14 +26,13 @@ import torch
 from ant_ray.ant.affinity import affinity_heatmap, average_affinity, expand_bucket_affinity
 from ant_ray.ant.affinity_stage import bucket_affinity, draw_affinity_batch
 from ant_ray.ant.clustering import interval_clustering
-from ant_ray.ant.train import train_ant
 from ant_ray.config import PipelineConfig
-from ant_ray.diffusion import NoiseSchedule, build_model, build_weighting, load_model, model_denoiser
-from ant_ray.evaluation import load_reference_dataset, metric_name, pick_device
+# Only what a search trial needs to launch an ANT run is imported here; the models, data and scorer load in the
+# functions that use them (see train_loops.py).
+from ant_ray.diffusion import NoiseSchedule, build_weighting, model_denoiser
 from ant_ray.stages.ray_runtime import start_ray
-from ant_ray.stages.evaluate import score_in_parallel
-from ant_ray.deme.finetune import train_diffusion
 from ant_ray.stages.ray_train import fit
+from ant_ray.stages.train_loops import ant_loop, diffusion_loop
 from ant_ray.files import check_output_dir
 from ant_ray.tracking import TrackedRun, check_tracking_store, setup_experiment, worker_env, ui_command
 
@@ -91,6 +90,9 @@ def resolve_clusters(cfg: PipelineConfig, *, affinity: np.ndarray | None = None)
 def measure_affinity(cfg: PipelineConfig, model_source: str | None, device: torch.device | None = None) -> np.ndarray:
     """[B, B] bucket affinity (``cfg.ant.affinity``) of a model: a diffusers folder, or None for ``model.base``
     built exactly as ``train_ant`` builds it (same seed)."""
+    from ant_ray.diffusion.models import build_model, load_model
+    from ant_ray.evaluation import load_reference_dataset, pick_device
+
     device = device or pick_device(cfg)
     data = load_reference_dataset(cfg)
     if model_source:
@@ -136,7 +138,7 @@ def _affinity_models(cfg: PipelineConfig, run_dir: Path, run_key: str) -> list[s
             update={"steps": steps, "checkpoint_every": settings.warmup_steps})})
         warmup = {"range": None, "init_model": start, "teacher_model": None, "output_model": str(out),
                   "tracking": None, "seed": cfg.seed, "name": "ant-warmup"}
-        fit(train_diffusion, {"pipeline": warm_cfg.worker_dump(), "section": "ant", "name": "ant-warmup",
+        fit(diffusion_loop, {"pipeline": warm_cfg.worker_dump(), "section": "ant", "name": "ant-warmup",
                               "models": [warmup], "evaluation": None},
             name=f"ant-warmup-{cfg.name}-{run_key}", storage=cfg.output_path() / "ray_results",
             resources=cfg.ant.resources)
@@ -171,7 +173,7 @@ def fit_ant(cfg: PipelineConfig, *, name: str, storage: Path, loop: dict[str, An
             max_failures: int = 0) -> ray.train.Result:
     """Run ``train_ant`` on Ray Train with ``ant.resources``; returns the Result (return_value: rank 0's summary).
     Re-running with the same name and storage resumes from the run's last checkpoint."""
-    return fit(train_ant, {"pipeline": cfg.worker_dump(), "name": name, **loop}, name=name,
+    return fit(ant_loop, {"pipeline": cfg.worker_dump(), "name": name, **loop}, name=name,
                storage=storage, resources=cfg.ant.resources, callbacks=callbacks, max_failures=max_failures)
 
 
@@ -183,6 +185,9 @@ def run_ant(cfg: PipelineConfig, *, resume_from: str | Path | None = None, score
             parent_run_id: str | None = None) -> ANTResult:
     """The ``train-ant`` stage end to end. ``resume_from``: a checkpoint folder of an earlier ANT run to continue
     (its ``checkpoint/``); ``score=False`` skips the final FID."""
+    from ant_ray.evaluation import load_reference_dataset, metric_name
+    from ant_ray.stages.evaluate import score_in_parallel
+
     started = time.time()
     data = load_reference_dataset(cfg)
     if cfg.ant.batch_size > len(data):

@@ -14,11 +14,10 @@ from typing import Any, Sequence
 import ray
 
 from ant_ray.config import PipelineConfig
-from ant_ray.deme.finetune import train_diffusion
-from ant_ray.diffusion import load_model, model_is_complete
-from ant_ray.evaluation import EvaluationPlan
+from ant_ray.evaluation_plan import EvaluationPlan
 from ant_ray.merge import save_task_vector, state_dict_fingerprint
 from ant_ray.stages.ray_train import fit
+from ant_ray.stages.train_loops import diffusion_loop
 from ant_ray.training import check_finite_weights
 
 
@@ -41,6 +40,8 @@ def finetune_specialists(cfg: PipelineConfig, *, base_model: Path, ranges: Seque
                          max_failures: int = 0) -> SpecialistsResult:
     """Train the specialists (resuming the run ``name`` under ``storage`` if it was interrupted; skipped when every
     specialist's model is already saved) and write their task vectors into ``run_dir/task_vectors``."""
+    from ant_ray.diffusion.models import load_model, model_is_complete  # diffusers: not needed to launch the run
+
     outputs = [run_dir / "finetune" / f"specialist_{i}" / "model" for i in range(len(ranges))]
     summary: dict[str, Any] = {}
     if not all(model_is_complete(out) for out in outputs):
@@ -50,7 +51,7 @@ def finetune_specialists(cfg: PipelineConfig, *, base_model: Path, ranges: Seque
                   for i, (time_range, out, tracking) in enumerate(zip(ranges, outputs, trackings))]
         loop = {"pipeline": cfg.worker_dump(), "section": "finetune", "name": name, "models": models,
                 "evaluation": evaluation.dump() if evaluation is not None else None}
-        result = fit(train_diffusion, loop, name=name, storage=storage or cfg.output_path() / "ray_results",
+        result = fit(diffusion_loop, loop, name=name, storage=storage or cfg.output_path() / "ray_results",
                      resources=cfg.finetune.resources, models=len(models), callbacks=callbacks,
                      max_failures=max_failures)
         summary = result.return_value or {}
@@ -74,7 +75,7 @@ def finetune_specialists(cfg: PipelineConfig, *, base_model: Path, ranges: Seque
 def _fit_plain(cfg_dump: dict, name: str, storage: str, model: dict) -> str:
     """An orchestration task only: the trainer's workers hold the declared resources."""
     cfg = PipelineConfig.model_validate(cfg_dump)
-    fit(train_diffusion, {"pipeline": cfg_dump, "section": "finetune", "name": name, "models": [model],
+    fit(diffusion_loop, {"pipeline": cfg_dump, "section": "finetune", "name": name, "models": [model],
                           "evaluation": None},
         name=name, storage=Path(storage), resources=cfg.finetune.resources)
     return model["output_model"]

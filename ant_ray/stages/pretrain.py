@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Iterator
 
 from ant_ray.config import PipelineConfig
-from ant_ray.deme.finetune import train_diffusion
 from ant_ray.diffusion import load_model, model_is_complete
 from ant_ray.files import publishing_folder
 from ant_ray.stages.ray_train import fit
+from ant_ray.stages.train_loops import diffusion_loop
 from ant_ray.training import check_finite_weights
 
 # Fields that change what pretraining produces; resources and logging cadence do not.
@@ -71,7 +71,7 @@ def pretrained_model(cfg: PipelineConfig, *, run_dir: Path, tracking: dict | Non
         out = run_dir / "pretrain" / "model"
         model = {"range": None, "init_model": None, "teacher_model": None, "output_model": str(out),
                  "tracking": tracking, "seed": cfg.seed, "name": "pretrain"}
-        fit(train_diffusion, {"pipeline": cfg.worker_dump(), "section": "pretrain",
+        fit(diffusion_loop, {"pipeline": cfg.worker_dump(), "section": "pretrain",
                               "name": f"pretrain-{pretrain_key(cfg)}", "models": [model], "evaluation": None},
             name=f"pretrain-{pretrain_key(cfg)}", storage=cfg.output_path() / "ray_results",
             resources=cfg.pretrain.resources)

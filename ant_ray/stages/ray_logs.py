@@ -11,20 +11,47 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 
+# Noise that comes with a traceback, which goes too: Train V2's warning when busy CPUs delay its resource request
+# (logged with exc_info), and Python's note on an exception it ignored, e.g. Ray's SystemExit when Tune stops a
+# reused trial process at the end of a merge rung
+NOISE_WITH_TRACEBACK = ("Failed to send resource request", "Exception ignored in")
 # Lines Ray prints that say nothing a user of ant_ray needs (all still in Ray's log files).
 RAY_NOISE = (
     "Reporting training result", "Checkpoint successfully created", "Setting up process group",
     "Started training worker group", "world_rank=", "Attempting to start training worker group",
     "Requesting resources", "PreemptionWatcher", "PYTHON worker processes have been started",
-    "Ray deduplicates logs", "Failed to send resource request", "repeated", "has constructor arguments",
+    "Ray deduplicates logs", "repeated", "has constructor arguments",
     "UserWarning: The reported value is ignored", "optuna_warn(", "Creating initial MLflow database tables",
     "Updating database tables",
     # Train V2's detached PlacementGroupCleaner, after a scheduler stopped a trial (its controller went with it)
     "Cleaning up placement group",
+    *NOISE_WITH_TRACEBACK,
 )
 OWN_PREFIX = "["  # ant_ray's lines start with "[ant_ray ...]" or "[<run name>] ..."
+_EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*: ")  # "ray.exceptions.GetTimeoutError: ...", a traceback's end
+
+
+def without_noise(lines: list[str]) -> list[str]:
+    """The lines that are neither Ray's noise nor the traceback that follows a NOISE_WITH_TRACEBACK line."""
+    kept: list[str] = []
+    after_noise = in_traceback = False
+    for line in lines:
+        if any(noise in line for noise in RAY_NOISE):
+            after_noise, in_traceback = any(noise in line for noise in NOISE_WITH_TRACEBACK), False
+            continue
+        if after_noise and line.startswith("Traceback"):
+            in_traceback = True
+            continue
+        if in_traceback and (line.startswith((" ", "\t")) or not line.strip()):
+            continue
+        ends_traceback = in_traceback and _EXCEPTION_LINE.match(line)
+        after_noise = in_traceback = False
+        if not ends_traceback:
+            kept.append(line)
+    return kept
 
 
 def verbose() -> bool:
@@ -51,7 +78,7 @@ def install_worker_log_filter() -> None:
     from ray._private import worker
 
     def print_filtered(data: dict) -> None:
-        lines = [line for line in data.get("lines", []) if not any(noise in line for noise in RAY_NOISE)]
+        lines = without_noise(data.get("lines", []))
         own = [line for line in lines if line.startswith(OWN_PREFIX)]
         other = [line for line in lines if not line.startswith(OWN_PREFIX)]
         if own:  # not deduplicated: concurrent runs print similar lines, and each is wanted

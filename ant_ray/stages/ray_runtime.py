@@ -52,10 +52,10 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, env: d
     # draining on autoscaled clusters; a private one-machine Ray is never drained. A joined cluster keeps it.
     env_vars.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
                                                                            "0"))
-    # The raylet warns on the terminal once more worker processes run than 4x the CPUs it may start at once
-    # (the machine's cores by default). Concurrent fractional trials each start a few (trial, Train controller,
-    # Train workers): let it start as many as the logical CPUs this Ray was given.
-    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(num_cpus or os.cpu_count() or 1))
+    # The raylet warns on the terminal once more worker processes run than 4x the number it may start at once
+    # (the machine's cores by default). Each concurrent trial runs about seven (the trial, the Train controller and
+    # its helper actors, the Train workers), so allow 4 per logical CPU this Ray was given.
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(4 * (num_cpus or os.cpu_count() or 1)))
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, runtime_env={"env_vars": env_vars}, log_to_driver=True,
              logging_level="WARNING")
