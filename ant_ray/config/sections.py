@@ -7,6 +7,8 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ant_ray.plugin_options import check_mtl_options, check_weighting_options
+
 
 class ConfigError(ValueError):
     """Bad configuration: the message names the field and how to fix it."""
@@ -73,9 +75,7 @@ class WeightingConfig(Section):
 
     @model_validator(mode="after")
     def _known(self) -> "WeightingConfig":
-        from ant_ray.diffusion.weightings import build_weighting
-
-        build_weighting(self.name, **self.options)  # raises naming the weighting and its options
+        check_weighting_options(self.name, self.options)  # raises naming the weighting and its options
         return self
 
 
@@ -184,10 +184,8 @@ class ANTConfig(TrainConfig):
 
     @model_validator(mode="after")
     def _known_method(self) -> "ANTConfig":
-        from ant_ray.mtl import build_mtl_method
-
         _plain_json(self.method_options, "ant.method_options")
-        build_mtl_method(self.method, self.k, self.method_options)  # raises naming a bad method or option
+        check_mtl_options(self.method, self.method_options)  # raises naming a bad method or option
         if self.min_size is not None and self.max_size is not None and self.min_size > self.max_size:
             raise ValueError("ant.min_size must be <= ant.max_size")
         return self
@@ -238,8 +236,6 @@ class ComparisonConfig(Section):
     @field_validator("ant_methods")
     @classmethod
     def _known_methods(cls, methods: list[str]) -> list[str]:
-        from ant_ray.mtl import MTL_METHODS
-
         for name in methods:
-            MTL_METHODS.get(name)  # raises listing the choices
+            check_mtl_options(name)  # raises listing the choices
         return methods

@@ -28,8 +28,6 @@ ignored entirely (they may hold NaN) and results equal those of the method run o
 
 from __future__ import annotations
 
-import inspect
-import math
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, ClassVar
@@ -38,37 +36,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ant_ray.plugin_options import check_mtl_options, check_positive_int
 from ant_ray.registry import Registry
 
 MTL_METHODS: Registry[type["MTLMethod"]] = Registry("MTL method")
-
-
-# ---------------------------------------------------------------- option validation
-
-
-def check_positive_int(name: str, value: Any, *, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_float(name: str, value: Any, *, minimum: float | None = None, strict: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value!r}")
-    if minimum is not None and (value <= minimum if strict else value < minimum):
-        relation = ">" if strict else ">="
-        raise ValueError(f"{name} must be {relation} {minimum}, got {value!r}")
-    return value
-
-
-def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
-    choices = list(choices)
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-    return value
 
 
 # ---------------------------------------------------------------- the base class
@@ -83,6 +54,10 @@ class MTLMethod(nn.Module):
     def __init__(self, num_tasks: int):
         super().__init__()
         self.num_tasks = check_positive_int("num_tasks", num_tasks)
+
+    def _checked(self, **options: Any) -> dict[str, Any]:
+        """The constructor's options checked by the rules the config is validated with (plugin_options)."""
+        return check_mtl_options(self.name, options)
 
     # -- the two entry points; each family implements one of them
     def weighted_loss(self, losses: Tensor, present: Tensor | None = None) -> Tensor:
@@ -124,7 +99,6 @@ class MTLMethod(nn.Module):
 
     # -- seeded randomness whose state lives in the state dict (a uint8 buffer)
     def _init_rng(self, seed: int) -> None:
-        seed = check_positive_int("seed", seed, minimum=0)
         generator = torch.Generator(device="cpu")
         generator.manual_seed(seed)
         self.register_buffer("rng_state", generator.get_state())
@@ -222,19 +196,9 @@ class GradientMethod(MTLMethod):
 def build_mtl_method(name: str, num_tasks: int, options: Mapping[str, Any] | None = None) -> MTLMethod:
     """``MTL_METHODS.get(name)(num_tasks=num_tasks, **options)``, but an unknown option name raises a
     ValueError listing the accepted ones (instead of Python's TypeError)."""
-    cls = MTL_METHODS.get(name)
     options = dict(options or {})
-    accepted = [
-        p.name
-        for p in inspect.signature(cls.__init__).parameters.values()
-        if p.name not in ("self", "num_tasks") and p.kind is inspect.Parameter.KEYWORD_ONLY
-    ]
-    unknown = sorted(set(options) - set(accepted))
-    if unknown:
-        raise ValueError(
-            f"unknown option(s) {unknown} for MTL method {name!r}; accepted: {sorted(accepted) or 'none'}"
-        )
-    return cls(num_tasks=num_tasks, **options)
+    check_mtl_options(name, options)
+    return MTL_METHODS.get(name)(num_tasks=num_tasks, **options)
 
 
 # ---------------------------------------------------------------- flat gradients for the trainer

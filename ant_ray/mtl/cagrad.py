@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize
 
-from ant_ray.mtl.base import MTL_METHODS, GradientMethod, check_choice, check_float
+from ant_ray.mtl.base import MTL_METHODS, GradientMethod
 
 _EPS = 1e-8  # keeps sqrt differentiable at 0, as the official code does
 
@@ -74,8 +74,8 @@ class CAGrad(GradientMethod):
 
     def __init__(self, num_tasks: int, *, c: float = 0.4, rescale: int = 1):
         super().__init__(num_tasks)
-        self.c = check_float("c", c, minimum=0.0)
-        self.rescale = check_choice("rescale", rescale, (0, 1, 2))
+        options = self._checked(c=c, rescale=rescale)
+        self.c, self.rescale = options["c"], options["rescale"]
         self._dual: dict[int, float] = {}
 
     def _coefficients(self, gram, losses, index, step):

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ant_ray.mtl.base import MTL_METHODS, GradientMethod, check_float
+from ant_ray.mtl.base import MTL_METHODS, GradientMethod
 
 _MIN_WEIGHT = 1e-6  # keeps weights positive when an optimizer step overshoots below zero
 
@@ -35,7 +35,7 @@ class GradNorm(GradientMethod):
 
     def __init__(self, num_tasks: int, *, alpha: float = 1.5):
         super().__init__(num_tasks)
-        self.alpha = check_float("alpha", alpha, minimum=0.0)
+        self.alpha = self._checked(alpha=alpha)["alpha"]
         self.weights = nn.Parameter(torch.ones(num_tasks, dtype=torch.float32))
         self.register_buffer("initial_losses", torch.zeros(num_tasks, dtype=torch.float64))
         self.register_buffer("initial_recorded", torch.zeros(num_tasks, dtype=torch.bool))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from ant_ray.mtl.base import MTL_METHODS, LossWeightingMethod, check_choice
+from ant_ray.mtl.base import MTL_METHODS, LossWeightingMethod
 
 
 @MTL_METHODS.register("ls")
@@ -19,7 +19,7 @@ class LinearScalarization(LossWeightingMethod):
 
     def __init__(self, num_tasks: int, *, reduction: str = "sum"):
         super().__init__(num_tasks)
-        self.reduction = check_choice("reduction", reduction, ("sum", "mean"))
+        self.reduction = self._checked(reduction=reduction)["reduction"]
 
     def _weighted_loss(self, losses: Tensor, present: Tensor) -> Tensor:
         total = losses.sum()

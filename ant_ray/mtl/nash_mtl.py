@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ant_ray.mtl.base import MTL_METHODS, GradientMethod, check_float, check_positive_int
+from ant_ray.mtl.base import MTL_METHODS, GradientMethod
+from ant_ray.plugin_options import check_positive_int
 
 NASH_RIDGE = 1e-8
 
@@ -81,8 +82,8 @@ class NashMTL(GradientMethod):
 
     def __init__(self, num_tasks: int, *, update_every: int = 25, max_norm: float = 1.0):
         super().__init__(num_tasks)
-        self.update_every = check_positive_int("update_every", update_every)
-        self.max_norm = check_float("max_norm", max_norm, minimum=0.0)
+        options = self._checked(update_every=update_every, max_norm=max_norm)
+        self.update_every, self.max_norm = options["update_every"], options["max_norm"]
         self.register_buffer("alpha", torch.zeros(num_tasks, dtype=torch.float64))
         self.register_buffer("alpha_valid", torch.zeros(num_tasks, dtype=torch.bool))
         self.register_buffer("last_refresh_step", torch.tensor(-1, dtype=torch.int64))

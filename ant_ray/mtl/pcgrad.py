@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ant_ray.mtl.base import MTL_METHODS, GradientMethod, check_choice
+from ant_ray.mtl.base import MTL_METHODS, GradientMethod
 
 
 def pcgrad_coefficients(gram: np.ndarray, orders: list[list[int]]) -> np.ndarray:
@@ -62,8 +62,9 @@ class PCGrad(GradientMethod):
 
     def __init__(self, num_tasks: int, *, seed: int = 0, reduction: str = "sum"):
         super().__init__(num_tasks)
-        self.reduction = check_choice("reduction", reduction, ("sum", "mean"))
-        self._init_rng(seed)
+        options = self._checked(seed=seed, reduction=reduction)
+        self.reduction = options["reduction"]
+        self._init_rng(options["seed"])
         self._conflict_rate: float | None = None
 
     def _coefficients(self, gram, losses, index, step):

@@ -23,7 +23,7 @@ class RandomLossWeighting(LossWeightingMethod):
 
     def __init__(self, num_tasks: int, *, seed: int = 0):
         super().__init__(num_tasks)
-        self._init_rng(seed)
+        self._init_rng(self._checked(seed=seed)["seed"])
         self._last_weights: Tensor | None = None
 
     def _weighted_loss(self, losses: Tensor, present: Tensor) -> Tensor:

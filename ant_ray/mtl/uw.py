@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from ant_ray.mtl.base import MTL_METHODS, LossWeightingMethod, check_float
+from ant_ray.mtl.base import MTL_METHODS, LossWeightingMethod
 
 
 def uncertainty_weighted_loss(losses: Tensor, log_vars: Tensor, present: Tensor) -> Tensor:
@@ -36,7 +36,7 @@ class UncertaintyWeighting(LossWeightingMethod):
 
     def __init__(self, num_tasks: int, *, init_logvar: float = 0.0):
         super().__init__(num_tasks)
-        init_logvar = check_float("init_logvar", init_logvar)
+        init_logvar = self._checked(init_logvar=init_logvar)["init_logvar"]
         self.log_vars = nn.Parameter(torch.full((num_tasks,), init_logvar, dtype=torch.float32))
 
     def _weighted_loss(self, losses: Tensor, present: Tensor) -> Tensor:

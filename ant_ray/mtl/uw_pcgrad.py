@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ant_ray.mtl.base import MTL_METHODS, GradientMethod, check_choice, check_float
+from ant_ray.mtl.base import MTL_METHODS, GradientMethod
 from ant_ray.mtl.pcgrad import conflict_rate, draw_projection_orders, pcgrad_coefficients
 
 
@@ -29,10 +29,10 @@ class UWPCGrad(GradientMethod):
         self, num_tasks: int, *, init_logvar: float = 0.0, seed: int = 0, reduction: str = "sum"
     ):
         super().__init__(num_tasks)
-        init_logvar = check_float("init_logvar", init_logvar)
-        self.reduction = check_choice("reduction", reduction, ("sum", "mean"))
-        self.log_vars = nn.Parameter(torch.full((num_tasks,), init_logvar, dtype=torch.float32))
-        self._init_rng(seed)
+        options = self._checked(init_logvar=init_logvar, seed=seed, reduction=reduction)
+        self.reduction = options["reduction"]
+        self.log_vars = nn.Parameter(torch.full((num_tasks,), options["init_logvar"], dtype=torch.float32))
+        self._init_rng(options["seed"])
         self._conflict_rate: float | None = None
 
     def _coefficients(self, gram, losses, index, step):

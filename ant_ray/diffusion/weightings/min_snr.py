@@ -1,5 +1,7 @@
 import torch
 
+from ant_ray.plugin_options import check_weighting_options
+
 from .base import LOSS_WEIGHTINGS, LossWeighting
 
 
@@ -8,9 +10,7 @@ class MinSNR(LossWeighting):
     """Min-SNR-gamma (Hang et al. 2023): x0-weight min(SNR, gamma); gamma=5 is the paper's default."""
 
     def __init__(self, gamma: float = 5.0):
-        if not gamma > 0:  # also rejects NaN
-            raise ValueError(f"weighting.gamma must be > 0 for min-snr, got {gamma}")
-        self.gamma = gamma
+        self.gamma = check_weighting_options("min-snr", {"gamma": gamma})["gamma"]
 
     def x0_weight(self, snr: torch.Tensor) -> torch.Tensor:
         return snr.clamp(max=self.gamma)

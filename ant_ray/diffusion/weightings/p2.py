@@ -1,5 +1,7 @@
 import torch
 
+from ant_ray.plugin_options import check_weighting_options
+
 from .base import LOSS_WEIGHTINGS, LossWeighting
 
 
@@ -9,11 +11,8 @@ class P2(LossWeighting):
     k=1, gamma=1 are the authors' recommendation (DeMe Sec. 7.1)."""
 
     def __init__(self, k: float = 1.0, gamma: float = 1.0):
-        if not k > 0:  # also rejects NaN
-            raise ValueError(f"weighting.k must be > 0 for p2, got {k}")
-        if not gamma >= 0:
-            raise ValueError(f"weighting.gamma must be >= 0 for p2, got {gamma}")
-        self.k, self.gamma = k, gamma
+        options = check_weighting_options("p2", {"k": k, "gamma": gamma})
+        self.k, self.gamma = options["k"], options["gamma"]
 
     def x0_weight(self, snr: torch.Tensor) -> torch.Tensor:
         return snr / (self.k + snr) ** self.gamma
