@@ -141,9 +141,16 @@ class FinetuneConfig(TrainConfig):
     seed: Optional[int] = None  # finetuning seed (specialist i uses seed + i); None: the top-level seed + 1
     channel_projection: bool = False  # DeMe's identity-initialised CxC 1x1 projections
     projection_places: Union[Literal["default"], list[str]] = "default"
+    # How many specialists one Ray Train worker trains in turn (each with `resources`). Above 1 it saves a worker
+    # process start-up per specialist where workers are scarce (CPU); results are the same. Needs num_workers <= 1.
+    specialists_per_worker: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def _ranges(self) -> "FinetuneConfig":
+        if self.specialists_per_worker > 1 and self.resources.num_workers > 1:
+            raise ValueError(f"finetune.specialists_per_worker={self.specialists_per_worker} needs "
+                             f"finetune.resources.num_workers 1 (a worker that trains specialists in turn is not "
+                             f"data parallel); set one of them to 1")
         if self.ranges is not None:
             if len(self.ranges) != self.num_specialists:
                 raise ValueError(f"finetune.ranges has {len(self.ranges)} ranges but finetune.num_specialists is "

@@ -36,6 +36,7 @@ from ant_ray.stages.evaluate import score_with_seeds
 from ant_ray.stages.ray_runtime import start_ray
 from ant_ray.files import check_output_dir
 from ant_ray.tracking import TrackedRun, check_tracking_store, save_runs_view, setup_experiment, worker_env
+from ant_ray.training import worker_groups
 
 STATE_FILE = "state.json"
 
@@ -84,7 +85,8 @@ def _check_resources(cfg: PipelineConfig) -> None:
         needs.append(("deme", "finetune", cfg.finetune.resources))
     for stage, section, workers in needs:
         settings = getattr(search, stage)
-        n = max(1, workers.num_workers) * (cfg.finetune.num_specialists if stage == "deme" else 1)
+        n = max(1, workers.num_workers) * (worker_groups(cfg.finetune.num_specialists,
+                                                         cfg.finetune.specialists_per_worker) if stage == "deme" else 1)
         cpu = settings.resources.cpu + workers.cpu * n
         gpu = settings.resources.gpu + workers.gpu * n
         if cpu > cpus or gpu > gpus:

@@ -1,5 +1,6 @@
 """DeMe finetuning: N range specialists of a base model trained side by side in ONE Ray Train run (worker group g
-trains specialist g), then saved as task vectors with their range, p, lambda and the base's fingerprint.
+trains specialist g, or `finetune.specialists_per_worker` of them in turn), then saved as task vectors with their
+range, p, lambda and the base's fingerprint.
 
 Also the plain finetune baselines of DeMe's comparison (one model on all of [0, T)), launched as background Ray
 tasks so several run at once.
@@ -50,6 +51,7 @@ def finetune_specialists(cfg: PipelineConfig, *, base_model: Path, ranges: Seque
                    "name": f"{name}-specialist-{i}"}
                   for i, (time_range, out, tracking) in enumerate(zip(ranges, outputs, trackings))]
         loop = {"pipeline": cfg.worker_dump(), "section": "finetune", "name": name, "models": models,
+                "models_per_worker": cfg.finetune.specialists_per_worker,
                 "evaluation": evaluation.dump() if evaluation is not None else None}
         result = fit(diffusion_loop, loop, name=name, storage=storage or cfg.output_path() / "ray_results",
                      resources=cfg.finetune.resources, models=len(models), callbacks=callbacks,

@@ -16,7 +16,7 @@ from ray.train.torch import TorchTrainer
 
 from ant_ray.config import ResourcesConfig
 from ant_ray.stages.ray_logs import verbose
-from ant_ray.training import TrainingDiverged
+from ant_ray.training import TrainingDiverged, worker_groups
 
 
 class TrainingRunFailed(RuntimeError):
@@ -28,12 +28,13 @@ class TrainingRunFailed(RuntimeError):
         self.diverged = diverged
 
 
-def scaling_config(resources: ResourcesConfig, models: int = 1) -> ScalingConfig:
-    """``models`` models trained side by side, each on ``resources.num_workers`` workers."""
+def scaling_config(resources: ResourcesConfig, groups: int = 1) -> ScalingConfig:
+    """``groups`` worker groups side by side (a model each, or several in turn), each of ``resources.num_workers``
+    workers."""
     per_worker = {"CPU": resources.cpu}
     if resources.gpu:
         per_worker["GPU"] = resources.gpu
-    return ScalingConfig(num_workers=resources.num_workers * models, use_gpu=resources.gpu > 0,
+    return ScalingConfig(num_workers=resources.num_workers * groups, use_gpu=resources.gpu > 0,
                          resources_per_worker=per_worker)
 
 
@@ -58,11 +59,12 @@ def fit(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], *, name: s
         resources: ResourcesConfig, models: int = 1, callbacks: Sequence[Any] = (),
         max_failures: int = 0) -> ray.train.Result:
     """Run ``train_fn`` on Ray Train and return its Result (``return_value``: rank 0's return); raises
-    TrainingRunFailed with a one-line reason."""
+    TrainingRunFailed with a one-line reason. ``models`` models train side by side, ``loop_config``'s
+    ``models_per_worker`` (default 1) of them per worker group."""
     trainer = TorchTrainer(
         train_fn,
         train_loop_config=loop_config,
-        scaling_config=scaling_config(resources, models),
+        scaling_config=scaling_config(resources, worker_groups(models, loop_config.get("models_per_worker") or 1)),
         run_config=RunConfig(name=name, storage_path=str(storage), callbacks=list(callbacks),
                              failure_config=FailureConfig(max_failures=max_failures),
                              # Ray Train's own INFO lines (every report, every checkpoint path) only with --verbose
