@@ -35,3 +35,22 @@ def test_other_errors_and_their_tracebacks_stay_visible():
     assert without_noise(["Reporting training result 3", *error]) == error
     # a noise line logged without a traceback takes nothing with it
     assert without_noise(RESOURCE_REQUEST_WARNING[:1] + ["RuntimeError: real failure"]) == ["RuntimeError: real failure"]
+
+
+def test_tunes_copy_racing_a_renamed_state_file_is_dropped_and_other_save_errors_show():
+    """The race as Tune logs it (logger.error with exc_info) when its copy of the experiment folder lists a `-tmp-`
+    state file that is renamed before it is copied; a real failure to save the state must still reach the user."""
+    import logging
+
+    from ant_ray.stages.ray_logs import SyncRaceFilter
+
+    def record(error: BaseException) -> logging.LogRecord:
+        return logging.LogRecord("ray.tune.execution.experiment_state", logging.ERROR, __file__, 1,
+                                 "Saving experiment state to storage at '/runs/merge/tune/rung1' failed with "
+                                 "exception: ", None, (type(error), error, None))
+
+    race = FileNotFoundError(2, "Failed to open local file '/tmp/ray/session/artifacts/rung1/driver_artifacts/"
+                                ".0962cb3d-tmp-basic-variant-state-2026-12-02_02-35-18.json'")
+    assert not SyncRaceFilter().filter(record(race))
+    assert SyncRaceFilter().filter(record(PermissionError(13, "Permission denied: '/runs/merge'")))
+    assert SyncRaceFilter().filter(record(FileNotFoundError(2, "No such file: '/runs/merge/tune'")))

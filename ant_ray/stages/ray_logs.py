@@ -54,6 +54,18 @@ def without_noise(lines: list[str]) -> list[str]:
     return kept
 
 
+class SyncRaceFilter(logging.Filter):
+    """Drops Tune's error when its background copy of the experiment state to the storage folder finds a temporary
+    file gone: Tune writes each state file as a `-tmp-` file and renames it, and a copy that listed the folder just
+    before a rename fails on the old name. Nothing is lost: the next copy (and the last, forced one) copies the
+    renamed file. Any other failure to save the state still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (record.getMessage().startswith("Saving experiment state to storage")
+                    and isinstance(error, FileNotFoundError) and "-tmp-" in str(error))
+
+
 def verbose() -> bool:
     return os.environ.get("ANT_RAY_VERBOSE", "0") == "1"
 
@@ -66,6 +78,9 @@ def quiet_driver_logs() -> None:
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # the legacy reporter honours verbose=0
     for name in ("mlflow", "optuna", "ray.tune", "ray.train", "ray.air", "ray.data", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR if name.startswith("ray.tune") else logging.WARNING)
+    state_logger = logging.getLogger("ray.tune.execution.experiment_state")
+    if not any(isinstance(f, SyncRaceFilter) for f in state_logger.filters):
+        state_logger.addFilter(SyncRaceFilter())
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -14,6 +14,9 @@ import ray
 from ant_ray.stages.ray_logs import install_worker_log_filter
 
 
+_START_ATTEMPTS = 3
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -42,12 +45,6 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, env: d
     env_vars = dict(env or {})
     # Local clusters enable token auth from Ray 2.59; a private throwaway instance does not need it.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    # Train V2's placement-group cleaner asks the state API (served by the dashboard) whether its controller is
-    # alive. With several Ray instances on one machine it cannot tell which to ask, so pin ours by address.
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}"
-    os.environ["RAY_API_SERVER_ADDRESS"] = api
-    env_vars["RAY_API_SERVER_ADDRESS"] = api
     # Train V2 starts a PreemptionWatcher actor (one more process importing Ray Train) per run to follow node
     # draining on autoscaled clusters; a private one-machine Ray is never drained. A joined cluster keeps it.
     env_vars.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
@@ -56,9 +53,26 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, env: d
     # (the machine's cores by default). Each concurrent trial runs about seven (the trial, the Train controller and
     # its helper actors, the Train workers), so allow 4 per logical CPU this Ray was given.
     os.environ.setdefault("RAY_worker_maximum_startup_concurrency", str(4 * (num_cpus or os.cpu_count() or 1)))
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, runtime_env={"env_vars": env_vars}, log_to_driver=True,
-             logging_level="WARNING")
+    for attempt in range(_START_ATTEMPTS):
+        # Train V2's placement-group cleaner asks the state API (served by the dashboard) whether its controller is
+        # alive. With several Ray instances on one machine it cannot tell which to ask, so pin ours by address.
+        port = _free_port()
+        api = f"http://127.0.0.1:{port}"
+        os.environ["RAY_API_SERVER_ADDRESS"] = api
+        env_vars["RAY_API_SERVER_ADDRESS"] = api
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                     dashboard_port=port, runtime_env={"env_vars": env_vars}, log_to_driver=True,
+                     logging_level="WARNING")
+            break
+        except Exception as err:
+            # The free port can be taken before the dashboard binds it (by another process, or by one of this
+            # Ray's own, which pick ports as they start): stop the half-started instance and try another port.
+            # Ray says so in one of two ways, depending on whether it noticed before starting the dashboard.
+            taken = any(words in str(err) for words in ("address already in use", "already occupied"))
+            if not taken or attempt + 1 == _START_ATTEMPTS:
+                raise
+            ray.shutdown()
     _restore_sigterm_handler(sigterm_handler)
     install_worker_log_filter()
     _start_watchdog()
