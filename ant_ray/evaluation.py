@@ -124,7 +124,7 @@ def score_merged_states(plan: EvaluationPlan, scorer: FIDScorer, states: list[di
                         template: torch.nn.Module, cfg: PipelineConfig) -> MergedScore:
     """FID of one model's weights, or of the merge of several specialists' weights (see EvaluationPlan).
     ``template`` is a scratch module of the models' architecture (its weights are overwritten)."""
-    metric = plan.metric(cfg)
+    metric = metric_name(cfg, plan.num_samples)
     template.to(scorer.device).eval()
     if plan.base_model is None:
         template.load_state_dict(states[0])

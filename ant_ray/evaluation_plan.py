@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ant_ray.config import PipelineConfig
-from ant_ray.fid.score import fid_metric_name
 from ant_ray.merge import anchor_weights, random_weights
 
 if TYPE_CHECKING:
@@ -42,9 +41,6 @@ class EvaluationPlan:
 
     def due(self, step: int, total_steps: int) -> bool:
         return step == total_steps or (self.every is not None and step % self.every == 0)
-
-    def metric(self, cfg: PipelineConfig) -> str:
-        return fid_metric_name(self.num_samples, cfg.fid.extractor)
 
     def scorer(self, cfg: PipelineConfig, device: "torch.device") -> "FIDScorer":
         from ant_ray.evaluation import FIDScorer  # the workers' import, not the launcher's

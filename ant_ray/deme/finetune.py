@@ -99,8 +99,9 @@ def train_diffusion(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     weighting = build_weighting(train.weighting.name, **train.weighting.options)
     autocast_dtype = AUTOCAST_DTYPES[train.mixed_precision]
     leader = local_rank == 0  # the group's rank 0: logs, checkpoints and saves its models
-    specialists = [_Specialist.create(index, models_spec[index], cfg, section, device, autocast_dtype,
-                                      process_groups[group] if per_model > 1 else None, leader)
+    specialists = [_Specialist.create(index, models_spec[index], loop_config.get("name", "train"), cfg, section,
+                                      device, autocast_dtype, process_groups[group] if per_model > 1 else None,
+                                      leader)
                    for index in mine]
 
     start_step = 0
@@ -148,8 +149,8 @@ def train_diffusion(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         elapsed = time.perf_counter() - tick
         throughput = images_seen * per_model / max(elapsed, 1e-9)
         seconds_per_step = (time.perf_counter() - started) / max(done - start_step, 1)
-        logged = [s.log(done, train.steps, throughput / len(specialists), seconds_per_step * (train.steps - done),
-                        loop_config) for s in specialists]
+        logged = [s.log(done, train.steps, throughput / len(specialists), seconds_per_step * (train.steps - done))
+                  for s in specialists]
         # What this worker reports to Ray Train (rank 0's reaches Tune): its first model's loss, all its images/s.
         metrics: dict[str, Any] = {**logged[0], "images_per_s": throughput, "step": done}
         tick, images_seen = time.perf_counter(), 0
@@ -177,7 +178,7 @@ def train_diffusion(loop_config: dict[str, Any]) -> dict[str, Any] | None:
 
     # --- after the loop (each group's leader): the loss curve and a sample grid into each model's MLflow run -----
     for specialist in specialists:
-        specialist.log_curve_and_samples(schedule, data, cfg, loop_config, device)
+        specialist.log_curve_and_samples(schedule, data, cfg)
     return summary if rank == 0 else None
 
 
@@ -188,6 +189,7 @@ class _Specialist:
     would apart."""
 
     index: int  # in the run's models: its checkpoint folder is model_<index>
+    name: str  # of its progress lines and loss curve
     spec: dict
     device: torch.device
     seed: int
@@ -210,7 +212,7 @@ class _Specialist:
     consistency: float = 0.0  # the last step's
 
     @classmethod
-    def create(cls, index: int, spec: dict, cfg: PipelineConfig, section: str, device: torch.device,
+    def create(cls, index: int, spec: dict, run_name: str, cfg: PipelineConfig, section: str, device: torch.device,
                autocast_dtype, process_group, leader: bool) -> "_Specialist":
         train: TrainConfig = getattr(cfg, section)
         lam = cfg.finetune.consistency_weight if spec.get("teacher_model") else 0.0
@@ -229,7 +231,7 @@ class _Specialist:
                 model, process_group=process_group, device_ids=[device.index] if device.type == "cuda" else None)
         scaler = torch.amp.GradScaler(device.type, enabled=train.mixed_precision == "fp16")
         return cls(
-            index=index, spec=spec, device=device, seed=int(spec["seed"]),
+            index=index, name=spec.get("name") or run_name, spec=spec, device=device, seed=int(spec["seed"]),
             time_range=tuple(spec.get("range") or (0, cfg.diffusion.T)),
             p=cfg.finetune.p if section == "finetune" else 0.0, lam=lam, model=model, ddp_model=ddp_model,
             ema=copy.deepcopy(model).eval().requires_grad_(False),
@@ -285,8 +287,9 @@ class _Specialist:
             with (self.ddp_model.no_sync() if per_model > 1 and not last_micro else nullcontext()):
                 self.scaler.scale(loss / train.grad_accumulation).backward()
             step_loss += loss.item() / train.grad_accumulation
-        self.loss_sum, self.loss_steps, self.consistency = self.loss_sum + step_loss, self.loss_steps + 1, \
-            step_consistency
+        self.loss_sum += step_loss
+        self.loss_steps += 1
+        self.consistency = step_consistency
         return step_loss
 
     def optimizer_step(self, train: TrainConfig) -> None:
@@ -297,8 +300,7 @@ class _Specialist:
         self.scaler.update()
         update_ema(self.ema, self.model, train.ema_decay)
 
-    def log(self, done: int, total_steps: int, images_per_s: float, seconds_left: float,
-            loop_config: dict) -> dict[str, float]:
+    def log(self, done: int, total_steps: int, images_per_s: float, seconds_left: float) -> dict[str, float]:
         """The metrics since the last log, into this model's MLflow run and progress line; returns them."""
         metrics = {"loss": self.loss_sum / self.loss_steps, "images_per_s": images_per_s}
         if self.teacher_denoise is not None:
@@ -306,20 +308,17 @@ class _Specialist:
         self.history.append((done, metrics["loss"]))
         if self.run is not None:
             self.run.log_metrics(metrics, step=done)
-            show_progress(progress_line(self.spec.get("name") or loop_config.get("name", "train"), done, total_steps,
-                                        metrics["loss"], images_per_s, seconds_left))
+            show_progress(progress_line(self.name, done, total_steps, metrics["loss"], images_per_s, seconds_left))
         self.loss_sum, self.loss_steps = 0.0, 0
         return metrics
 
-    def log_curve_and_samples(self, schedule, data, cfg: PipelineConfig, loop_config: dict,
-                              device: torch.device) -> None:
+    def log_curve_and_samples(self, schedule, data, cfg: PipelineConfig) -> None:
         if self.run is None or not self.history:
             return
-        title = self.spec.get("name") or loop_config.get("name", "loss")
-        self.run.log_figure(loss_curve_figure(*zip(*self.history), title=title), "loss_curve.png")
+        self.run.log_figure(loss_curve_figure(*zip(*self.history), title=self.name), "loss_curve.png")
         grid = next(sample_images(model_denoiser(self.ema), schedule, 64, shape=tuple(data.images.shape[1:]),
                                   sampler=cfg.sampler.name, steps=cfg.sampler.steps, eta=cfg.sampler.eta,
-                                  target=cfg.diffusion.prediction, seed=self.seed, batch_size=64, device=device))
+                                  target=cfg.diffusion.prediction, seed=self.seed, batch_size=64, device=self.device))
         with tempfile.TemporaryDirectory() as tmp:
             self.run.log_artifact(save_image_grid(grid, Path(tmp) / "samples.png"))
 

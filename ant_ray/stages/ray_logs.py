@@ -57,8 +57,8 @@ def without_noise(lines: list[str]) -> list[str]:
 class SyncRaceFilter(logging.Filter):
     """Drops Tune's error when its background copy of the experiment state to the storage folder finds a temporary
     file gone: Tune writes each state file as a `-tmp-` file and renames it, and a copy that listed the folder just
-    before a rename fails on the old name. Nothing is lost: the next copy (and the last, forced one) copies the
-    renamed file. Any other failure to save the state still shows."""
+    before a rename fails on the old name. The next copy takes the renamed file. Any other failure to save the state
+    still shows."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
