@@ -37,6 +37,7 @@ def test_overrides_parse_yaml_values_and_create_sections():
     ("pretrain.weighting={name: min-snr, options: {gamma: -1}}", "pretrain.weighting", "gamma"),
     ("merge_search.resources.gpu=0.5", "merge_search.resources.gpu", "fractional GPUs"),
     ("ant.k=5000", "ant.k (5000)", "cannot exceed diffusion.T"),
+    ("data.resolution=9", "data.resolution (9)", "multiple of 2"),  # before any model is built
 ])
 def test_bad_input_names_the_field(override, field, hint):
     with pytest.raises(ConfigError) as err:

@@ -12,6 +12,7 @@ from ant_ray.config.search import STAGE_SECTION, UNSEARCHABLE, SearchConfig, Tra
 from ant_ray.config.sections import (ANTConfig, ComparisonConfig, DataConfig, DiffusionConfig, FIDConfig,
                                      FinetuneConfig, MergeSearchConfig, ModelConfig, RayConfig, SamplerConfig,
                                      Section, TrackingConfig, TrainConfig)
+from ant_ray.diffusion.presets import PRESETS, check_preset_resolution
 
 
 class PipelineConfig(Section):
@@ -46,6 +47,8 @@ class PipelineConfig(Section):
         if (low is not None and k * low > T) or (high is not None and k * high < T):
             raise ValueError(f"ant.min_size / ant.max_size ({low} / {high}) leave no way to split diffusion.T ({T}) "
                              f"into ant.k ({k}) intervals: k x min_size must be <= T <= k x max_size")
+        if self.model.base in PRESETS:  # a model folder is checked against its own config when it is loaded
+            check_preset_resolution(self.model.base, self.data.resolution)
         if self.finetune.ranges is not None and (self.finetune.ranges[0][0] != 0 or self.finetune.ranges[-1][1] != T):
             raise ValueError(f"finetune.ranges must cover [0, {T}) exactly, got {self.finetune.ranges}")
         if self.search is not None:

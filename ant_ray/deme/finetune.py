@@ -99,10 +99,12 @@ def train_diffusion(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     weighting = build_weighting(train.weighting.name, **train.weighting.options)
     autocast_dtype = AUTOCAST_DTYPES[train.mixed_precision]
     leader = local_rank == 0  # the group's rank 0: logs, checkpoints and saves its models
+    folders = _ModelFolders(device)
     specialists = [_Specialist.create(index, models_spec[index], loop_config.get("name", "train"), cfg, section,
                                       device, autocast_dtype, process_groups[group] if per_model > 1 else None,
-                                      leader)
+                                      leader, folders)
                    for index in mine]
+    del folders  # the teachers live on in the specialists; the weights as read are not needed any more
 
     start_step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -213,18 +215,15 @@ class _Specialist:
 
     @classmethod
     def create(cls, index: int, spec: dict, run_name: str, cfg: PipelineConfig, section: str, device: torch.device,
-               autocast_dtype, process_group, leader: bool) -> "_Specialist":
+               autocast_dtype, process_group, leader: bool, folders: "_ModelFolders") -> "_Specialist":
         train: TrainConfig = getattr(cfg, section)
         lam = cfg.finetune.consistency_weight if spec.get("teacher_model") else 0.0
         if spec.get("init_model"):
-            model = load_model(spec["init_model"])
+            model = folders.trainable(spec["init_model"])
         else:
             model = build_model(cfg.model.base, resolution=cfg.data.resolution, channels=cfg.data.channels,
-                                seed=int(spec["seed"]))
-        model.to(device)
-        teacher = None
-        if lam > 0:
-            teacher = load_model(spec["teacher_model"]).to(device).eval().requires_grad_(False)
+                                seed=int(spec["seed"])).to(device)
+        teacher = folders.frozen(spec["teacher_model"]) if lam > 0 else None
         ddp_model = model
         if process_group is not None:
             ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -321,6 +320,29 @@ class _Specialist:
                                   target=cfg.diffusion.prediction, seed=self.seed, batch_size=64, device=self.device))
         with tempfile.TemporaryDirectory() as tmp:
             self.run.log_artifact(save_image_grid(grid, Path(tmp) / "samples.png"))
+
+
+class _ModelFolders:
+    """The model folders a worker's models start from or are taught by, each read once: specialists trained in turn
+    start from copies of one read of the pretrained weights and share one frozen teacher on the device."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._read: dict[str, torch.nn.Module] = {}
+        self._frozen: dict[str, torch.nn.Module] = {}
+
+    def trainable(self, folder: str) -> torch.nn.Module:
+        return copy.deepcopy(self._load(folder)).to(self.device)
+
+    def frozen(self, folder: str) -> torch.nn.Module:
+        if folder not in self._frozen:
+            self._frozen[folder] = copy.deepcopy(self._load(folder)).to(self.device).eval().requires_grad_(False)
+        return self._frozen[folder]
+
+    def _load(self, folder: str) -> torch.nn.Module:
+        if folder not in self._read:
+            self._read[folder] = load_model(folder)
+        return self._read[folder]
 
 
 def _gather_ema_states(specialists: list[_Specialist], rank: int, group_sizes: list[int], per_model: int,

@@ -1,4 +1,4 @@
-"""Model presets (diffusers UNet2DModel) and saving/loading in diffusers' folder format (safetensors only).
+"""Models built from presets (`presets.py`, diffusers UNet2DModel) and saving/loading in diffusers' folder format (safetensors only).
 
 A model folder is published whole (`ant_ray.files.publishing_folder`): a folder at the final path is a finished
 model. `model_is_complete` also checks the files themselves, so a folder half-written by an older version (which
@@ -12,54 +12,19 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 
+from ant_ray.diffusion.presets import PRESETS, check_preset_resolution
 from ant_ray.files import CorruptFileError, check_safetensors, read_json
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _MODEL_FIX = "delete the folder and re-run the step that writes it"
 
-# `tiny` fits the CPU test budget; `ddpm-cifar10` is google/ddpm-cifar10-32's 35.7M-parameter configuration.
-PRESETS: dict[str, dict] = {
-    "tiny": dict(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-        attention_head_dim=None,
-    ),
-    "small": dict(
-        block_out_channels=(64, 128, 128),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=32,
-    ),
-    "ddpm-cifar10": dict(
-        block_out_channels=(128, 256, 256, 256),
-        layers_per_block=2,
-        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=32,
-        attention_head_dim=None,  # one attention head over all channels, as in the original DDPM and the hub config
-        dropout=0.1,  # DDPM's CIFAR-10 training dropout; the hub config omits it (0.0), parameter count is the same
-        flip_sin_to_cos=False,
-        freq_shift=1,
-        resnet_time_scale_shift="default",
-        norm_eps=1e-6,
-        downsample_padding=0,
-    ),
-}
-
 
 def build_model(base: str, *, resolution: int, channels: int, seed: int = 0) -> UNet2DModel:
     """A preset name builds a fresh model (seeded); anything else is a local diffusers UNet2DModel folder."""
     if base in PRESETS:
         config = dict(PRESETS[base], sample_size=resolution, in_channels=channels, out_channels=channels)
-        levels = len(config["block_out_channels"]) - 1
-        if resolution % (2**levels) != 0:
-            raise ValueError(f"model.base {base!r} downsamples {levels} times; data.resolution {resolution} must be "
-                             f"divisible by {2**levels}")
+        check_preset_resolution(base, resolution)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return UNet2DModel(**config)

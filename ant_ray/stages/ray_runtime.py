@@ -15,6 +15,7 @@ from ant_ray.stages.ray_logs import install_worker_log_filter
 
 
 _START_ATTEMPTS = 3
+TRAIN_POLL_INTERVAL = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"  # how often a Train controller polls its workers
 
 
 def _free_port() -> int:
@@ -49,6 +50,11 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, env: d
     # draining on autoscaled clusters; a private one-machine Ray is never drained. A joined cluster keeps it.
     env_vars.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
                                                                            "0"))
+    # A Train controller learns that its workers finished at its next poll, every 2 s by default: 3-4 s of every
+    # run's wall time went there (0.5 s with polls every 0.5 s; benchmarks/README.md). The driver's value reaches
+    # the controller (Ray Train propagates it), and a trial's process gets it from the job's env vars.
+    env_vars.setdefault(TRAIN_POLL_INTERVAL, os.environ.get(TRAIN_POLL_INTERVAL, "0.5"))
+    os.environ.setdefault(TRAIN_POLL_INTERVAL, env_vars[TRAIN_POLL_INTERVAL])
     # The raylet warns on the terminal once more worker processes run than 4x the number it may start at once
     # (the machine's cores by default). Each concurrent trial runs about seven (the trial, the Train controller and
     # its helper actors, the Train workers), so allow 4 per logical CPU this Ray was given.
