@@ -7,7 +7,8 @@ import importlib
 
 _WHERE = {
     ".loss": ["Denoiser", "diffusion_loss", "per_sample_loss", "prediction_target", "weighted_loss"],
-    ".models": ["PRESETS", "build_model", "check_model_folder", "count_parameters", "load_model", "model_is_complete",
+    ".presets": ["PRESETS"],
+    ".models": ["build_model", "check_model_folder", "count_parameters", "load_model", "model_is_complete",
                 "save_model"],
     ".samplers": ["SAMPLERS", "model_denoiser", "routed_denoiser", "sample_images", "timestep_grid"],
     ".schedules": ["SCHEDULES", "NoiseSchedule"],

@@ -1,4 +1,5 @@
-"""Models built from presets (`presets.py`, diffusers UNet2DModel) and saving/loading in diffusers' folder format (safetensors only).
+"""Models built from presets (`presets.py`, diffusers UNet2DModel), and saved and loaded in diffusers' folder format
+(safetensors only).
 
 A model folder is published whole (`ant_ray.files.publishing_folder`): a folder at the final path is a finished
 model. `model_is_complete` also checks the files themselves, so a folder half-written by an older version (which

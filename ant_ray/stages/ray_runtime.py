@@ -51,8 +51,8 @@ def start_ray(address: str | None = None, *, num_cpus: int | None = None, env: d
     env_vars.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER",
                                                                            "0"))
     # A Train controller learns that its workers finished at its next poll, every 2 s by default: 3-4 s of every
-    # run's wall time went there (0.5 s with polls every 0.5 s; benchmarks/README.md). The driver's value reaches
-    # the controller (Ray Train propagates it), and a trial's process gets it from the job's env vars.
+    # run's wall time went there (about 1 s with polls every 0.5 s; benchmarks/README.md). The driver's value
+    # reaches the controller (Ray Train propagates it), and a trial's process gets it from the job's env vars.
     env_vars.setdefault(TRAIN_POLL_INTERVAL, os.environ.get(TRAIN_POLL_INTERVAL, "0.5"))
     os.environ.setdefault(TRAIN_POLL_INTERVAL, env_vars[TRAIN_POLL_INTERVAL])
     # The raylet warns on the terminal once more worker processes run than 4x the number it may start at once
