@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+from ant_ray.stages.ray_runtime import TRAIN_POLL_INTERVAL
+
 
 def test_the_private_ray_retries_a_taken_dashboard_port_and_polls_train_workers_often():
     code = textwrap.dedent("""
@@ -30,7 +32,7 @@ def test_the_private_ray_retries_a_taken_dashboard_port_and_polls_train_workers_
         print("STARTED", started)
         ray.shutdown()
     """)
-    env = {key: value for key, value in os.environ.items() if key != "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"}
+    env = {key: value for key, value in os.environ.items() if key != TRAIN_POLL_INTERVAL}  # ours, not the user's
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "STARTED started a private local Ray (1 CPUs, dashboard http://127.0.0.1:" in done.stdout
