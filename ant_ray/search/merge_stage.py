@@ -177,7 +177,8 @@ def _run_rung(setup: StageSetup, context: MergeContext, plan: MergePlan, stage_d
         run_config=tune.RunConfig(name=name, storage_path=str(stage_dir / "tune"), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=plan.trial_max_failures),
                                   callbacks=[TrialStatusPrinter(f"merge {name}", metric, fidelity, setup.log,
-                                                                step_key="samples")]))
+                                                                step_key="samples")]),
+        log=setup.log)
     trials = []
     for result in results:
         if result.error is not None or not result.metrics or metric not in result.metrics:

@@ -133,7 +133,8 @@ def run_training_stage(stage: str, setup: StageSetup, *, ant_winner: dict | None
         run_config=tune.RunConfig(name="tune", storage_path=str(stage_dir), verbose=0,
                                   failure_config=tune.FailureConfig(max_failures=settings.trial_max_failures),
                                   callbacks=[TrialTracker(setup.tracking_uri, stage_dir, metric, steps),
-                                             TrialStatusPrinter(stage, metric, steps, setup.log)]))
+                                             TrialStatusPrinter(stage, metric, steps, setup.log)]),
+        log=setup.log)
     per_eval = num_samples
     if stage == "deme" and settings.merge == "search":
         n = len(ant_winner["intervals"]) if settings.ranges == "ant" else cfg.finetune.num_specialists

@@ -3,6 +3,7 @@ experiment (`run_tune`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from typing import Callable
 from ray import tune
 
 from ant_ray.config import PipelineConfig
+from ant_ray.search.tune_state import KeepStateCopy, repair_torn_state
 from ant_ray.tracking import TrackedRun
 
 
@@ -34,15 +36,19 @@ class StageSetup:
 
 
 def run_tune(trainable, *, name: str, storage: Path, resume: bool, param_space: dict | None,
-             tune_config: tune.TuneConfig, run_config: tune.RunConfig) -> tune.ResultGrid:
+             tune_config: tune.TuneConfig, run_config: tune.RunConfig,
+             log: Callable[[str], None] = log_line) -> tune.ResultGrid:
     """Run a Tune experiment, or continue it (finished trials kept, unfinished ones resumed) if it was started."""
     path = storage / name
     # Ctrl-C then stops the search as SIGTERM does (KeyboardInterrupt: runs marked KILLED, the --resume line).
     # Tune's own handler would end the experiment quietly, as if every running trial had been stopped early.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    if resume:
+        repair_torn_state(path, log)
     if resume and tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
     else:
+        run_config = dataclasses.replace(run_config, callbacks=[*(run_config.callbacks or []), KeepStateCopy()])
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     return tuner.fit()
