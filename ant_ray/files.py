@@ -1,6 +1,6 @@
 """Writing outputs so that no reader ever sees half of one, and reading them back with one-line errors.
 
-Writers (`publishing_file`, `publishing_folder`) fill a hidden sibling (`.NAME.tmp-XXXXXXXX`), fsync it and then
+Writers (`publishing_file`, `publish_text`, `publishing_folder`) fill a hidden sibling (`.NAME.tmp-XXXXXXXX`), fsync it and then
 rename it onto the final name, so a path that exists is a finished output: a crash or a kill leaves at most a
 hidden temporary sibling that nothing reads (safe to delete).
 
@@ -68,6 +68,12 @@ def publishing_file(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+def publish_text(final: str | os.PathLike, text: str) -> None:
+    """Write a small text file (a marker, a JSON record) so that it is the old text or the new, never half."""
+    with publishing_file(final) as temporary:
+        temporary.write_text(text)
 
 
 @contextlib.contextmanager

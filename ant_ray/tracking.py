@@ -30,6 +30,8 @@ from typing import Any, Iterable, Mapping
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from ant_ray.files import publish_text
+
 # SQLite stores are opened by several processes (driver, trials, workers); MLflow's own sqlite pool is fine with
 # that for the low write rate here, but creating the schema must happen once, on the driver, before any worker.
 
@@ -154,7 +156,7 @@ class TrackedRun:
         """Write ``text`` (plus a final newline) to ``path``, a file kept beside the run's outputs, and log it as an
         artifact; returns the path."""
         path = Path(path)
-        path.write_text(text + "\n")
+        publish_text(path, text + "\n")
         self.log_artifact(path)
         return path
 

@@ -74,6 +74,8 @@ def test_publishing_file_replaces_whole_or_not_at_all(tmp_path):
             raise RuntimeError("midway")
     assert target.read_text() == "first"
     assert os.listdir(target.parent) == ["value.txt"]  # the temporary file is gone too
+    files.publish_text(target, "third")  # the small records and markers a resume reads
+    assert target.read_text() == "third" and os.listdir(target.parent) == ["value.txt"]
 
 
 @pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])

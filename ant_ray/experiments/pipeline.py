@@ -28,7 +28,7 @@ from ant_ray.stages.deme_finetune import finetune_specialists
 from ant_ray.stages.evaluate import score_in_parallel
 from ant_ray.stages.pretrain import pretrained_model
 from ant_ray.stages.ray_runtime import start_ray
-from ant_ray.files import check_output_dir
+from ant_ray.files import check_output_dir, publish_text
 from ant_ray.tracking import (TrackedRun, check_tracking_store, save_runs_view, setup_experiment, ui_command,
                               worker_env)
 
@@ -98,7 +98,7 @@ def _prepare_run_dir(cfg: PipelineConfig, resume: Path | None) -> tuple[Path, st
         run_key = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
         run_dir = cfg.output_path() / "runs" / f"{cfg.name}-{run_key}"
         run_dir.mkdir(parents=True, exist_ok=False)
-        (run_dir / "config.yaml").write_text(config_text)
+        publish_text(run_dir / "config.yaml", config_text)
         return run_dir, run_key
     run_dir = Path(resume).expanduser().resolve()
     saved = run_dir / "config.yaml"

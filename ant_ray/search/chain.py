@@ -25,6 +25,7 @@ from ant_ray.config import PipelineConfig, ResourcesConfig
 from ant_ray.data import ImageDataset, save_image_grid
 from ant_ray.diffusion import build_model, load_model, model_denoiser, save_model
 from ant_ray.evaluation import FIDScorer, load_reference_dataset, metric_name
+from ant_ray.files import publish_text
 from ant_ray.merge import TaskVectorMerger, load_task_vector, state_dict_fingerprint
 from ant_ray.search.merge_stage import MergePlan, check_task_vectors, run_merge_stage
 from ant_ray.search.outcome import StageOutcome
@@ -112,9 +113,9 @@ def prepare_search_dir(cfg: PipelineConfig, resume: Path | None) -> tuple[Path, 
         key = f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
         search_dir = cfg.output_path() / "searches" / f"{cfg.name}-{key}"
         search_dir.mkdir(parents=True, exist_ok=False)
-        (search_dir / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        publish_text(search_dir / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         state = {"done": [], "stage_runs": {}, "parent_run_id": None}
-        (search_dir / STATE_FILE).write_text(json.dumps(state))
+        publish_text(search_dir / STATE_FILE, json.dumps(state))
         return search_dir, state
     search_dir = Path(resume).expanduser().resolve()
     saved = search_dir / "config.yaml"
@@ -142,9 +143,7 @@ def fid_metrics(cfg: PipelineConfig) -> list[str]:
 
 
 def _save_state(search_dir: Path, state: dict) -> None:
-    tmp = search_dir / (STATE_FILE + ".tmp")
-    tmp.write_text(json.dumps(state, indent=1))
-    os.replace(tmp, search_dir / STATE_FILE)
+    publish_text(search_dir / STATE_FILE, json.dumps(state, indent=1))
 
 
 # ------------------------------------------------------------------------------------------------ the search

@@ -26,6 +26,7 @@ from ray import tune
 
 from ant_ray.config import MergeSearchConfig, SearcherConfig
 from ant_ray.evaluation import metric_name
+from ant_ray.files import publish_text
 from ant_ray.merge import anchor_weights, load_task_vector
 from ant_ray.search.callbacks import TrialStatusPrinter
 from ant_ray.search.fidelity import Ladder, rung_sizes
@@ -115,7 +116,7 @@ def run_merge_stage(setup: StageSetup, *, base_model: Path, task_vectors: list[P
                 results = _run_rung(setup, context, plan, stage_dir, f"rung{rung}", rung, fidelity, metric,
                                     grid_param_space([params_of[c] for c in promoted]))
             done = {"fidelity": fidelity, "metric": metric, "trials": results}
-            saved.write_text(json.dumps(done))
+            publish_text(saved, json.dumps(done))
         for trial in done["trials"]:
             key = trial["candidate"]
             params_of[key] = trial["params"]

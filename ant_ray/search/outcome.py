@@ -11,6 +11,8 @@ from typing import Any
 
 import pandas as pd
 
+from ant_ray.files import publish_text
+
 
 class SearchStageFailed(RuntimeError):
     """No trial of a stage produced a final score; the message says why in one line."""
@@ -37,7 +39,7 @@ class StageOutcome:
         return pd.read_csv(self.trials_csv) if self.trials_csv else pd.DataFrame()
 
     def save(self, path: Path) -> None:
-        path.write_text(json.dumps(asdict(self), indent=1, default=str))
+        publish_text(path, json.dumps(asdict(self), indent=1, default=str))
 
     @classmethod
     def load(cls, path: Path) -> "StageOutcome":

@@ -25,6 +25,7 @@ from ant_ray.ant.clustering import interval_clustering
 from ant_ray.config import PipelineConfig, with_values
 from ant_ray.diffusion import NoiseSchedule, model_denoiser
 from ant_ray.evaluation_plan import EvaluationPlan
+from ant_ray.files import publish_text
 from ant_ray.fid import StreamingFeatureStats
 from ant_ray.merge import TaskVectorMerger, load_task_vector
 from ant_ray.search.callbacks import RUN_ID_FILE, TRAIN_RUN_IDS_FILE, ScoreReportCallback, trial_folder
@@ -74,7 +75,7 @@ def _open_trial_run(folder: Path, tracking_uri: str, experiment_id: str, parent_
         return run
     run = TrackedRun.start(tracking_uri, experiment_id, name, parent_run_id=parent_run_id, tags=tags)
     run.log_params(params)
-    marker.write_text(run.run_id)
+    publish_text(marker, run.run_id)
     return run
 
 
@@ -88,14 +89,14 @@ def _train_runs(folder: Path, run: TrackedRun, experiment_id: str, names: list[s
             r.reopen()
         return runs
     runs = [TrackedRun.start(run.tracking_uri, experiment_id, n, parent_run_id=run.run_id, tags=tags) for n in names]
-    marker.write_text(json.dumps([r.run_id for r in runs]))
+    publish_text(marker, json.dumps([r.run_id for r in runs]))
     return runs
 
 
 def _finish(result: dict[str, Any], folder: Path, runs: list[TrackedRun], status: str = "FINISHED") -> None:
     """Save the trial's final result (with its model paths) in its folder, close its runs and report the numbers
     to Tune (Tune keeps numbers only; the stage reads the rest from the folder)."""
-    (folder / RESULT_FILE).write_text(json.dumps(result))
+    publish_text(folder / RESULT_FILE, json.dumps(result))
     for r in runs:
         r.finish(status)
     tune.report(_numbers(result))

@@ -16,7 +16,6 @@ leaves a torn file, and `Tuner.restore` then logs "Failed to restore the run sta
 from __future__ import annotations
 
 import json
-import os
 import pickletools
 import time
 import zipfile
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Callable
 
 from ray import tune
+
+from ant_ray.files import publishing_file
 
 # Tune's state files at the top of an experiment folder (trial folders belong to the trials).
 STATE_FILES = ("experiment_state-*.json", "basic-variant-state-*.json", "search_gen_state-*.json",
@@ -55,15 +56,6 @@ def is_whole(path: Path) -> bool:
     return True
 
 
-def _replace_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class KeepStateCopy(tune.Callback):
     """Zips the state Tune has just saved in the driver's staging folder, when it changed."""
 
@@ -85,12 +77,10 @@ class KeepStateCopy(tune.Callback):
         newest = max((p.stat().st_mtime_ns for p in files), default=None)
         if newest is None or newest == self._copied:
             return
-        copy = state_copy_path(Path(storage.experiment_fs_path))
-        tmp = copy.with_name(f".{copy.name}.{os.getpid()}.tmp")
-        with zipfile.ZipFile(tmp, "w") as archive:
+        with publishing_file(state_copy_path(Path(storage.experiment_fs_path))) as temporary, \
+                zipfile.ZipFile(temporary, "w") as archive:
             for path in files:
                 archive.write(path, path.name)
-        os.replace(tmp, copy)
         self._copied = newest
 
 
@@ -108,7 +98,8 @@ def repair_torn_state(experiment_dir: Path, log: Callable[[str], None]) -> None:
     if TUNER_FILE not in torn and copy.is_file():
         with zipfile.ZipFile(copy) as archive:
             for name in archive.namelist():
-                _replace_atomically(experiment_dir / name, archive.read(name))
+                with publishing_file(experiment_dir / name) as temporary:
+                    temporary.write_bytes(archive.read(name))
         still = [p.name for p in _state_files(experiment_dir) if not is_whole(p)]
         if not still:
             saved = time.strftime("%H:%M:%S", time.localtime(copy.stat().st_mtime))

@@ -33,7 +33,7 @@ from ant_ray.diffusion import NoiseSchedule, build_weighting, model_denoiser
 from ant_ray.stages.ray_runtime import start_ray
 from ant_ray.stages.ray_train import fit
 from ant_ray.stages.train_loops import ant_loop, diffusion_loop
-from ant_ray.files import check_output_dir
+from ant_ray.files import check_output_dir, publish_text
 from ant_ray.tracking import TrackedRun, check_tracking_store, setup_experiment, worker_env, ui_command
 
 
@@ -223,7 +223,7 @@ def run_ant(cfg: PipelineConfig, *, resume_from: str | Path | None = None, score
             _log(f"measuring task affinity ({ant.affinity.buckets} buckets)")
             affinity, result.affinity_file = stage_affinity(cfg, run_dir, run_key, run)
         result.intervals = resolve_clusters(cfg, affinity=affinity)
-        (run_dir / "intervals.json").write_text(json.dumps(result.intervals))
+        publish_text(run_dir / "intervals.json", json.dumps(result.intervals))
         run.log_artifact(run_dir / "intervals.json")
         run.log_params({"ant.intervals": json.dumps(result.intervals)})
         _log(f"{ant.clustering} clustering: {result.intervals}")
