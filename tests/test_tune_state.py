@@ -77,6 +77,14 @@ def test_without_a_copy_a_torn_experiment_is_kept_aside_and_starts_over(tmp_path
     assert any("no whole copy exists" in line and str(aside[0]) in line for line in logged), logged
 
 
+def test_a_copy_that_cannot_be_written_is_a_warning_not_a_failure(tmp_path, caplog):
+    state_copy_path(tmp_path / "tune").mkdir()  # a folder where the zip goes: every write fails
+    results = _run(tmp_path, resume=False, logged=[])
+    assert sorted(r.metrics["score"] for r in results) == [2.0, 4.0]
+    warnings = [r for r in caplog.records if "could not keep a copy of Tune's state" in r.getMessage()]
+    assert len(warnings) == 1  # once, not at every step
+
+
 def test_whole_and_torn_files_are_told_apart(tmp_path):
     pickled = tmp_path / "searcher-state-x.pkl"
     data = pickle.dumps({"trials": list(range(100))})

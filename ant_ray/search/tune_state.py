@@ -16,6 +16,7 @@ leaves a torn file, and `Tuner.restore` then logs "Failed to restore the run sta
 from __future__ import annotations
 
 import json
+import logging
 import pickletools
 import time
 import zipfile
@@ -30,6 +31,8 @@ from ant_ray.files import publishing_file
 STATE_FILES = ("experiment_state-*.json", "basic-variant-state-*.json", "search_gen_state-*.json",
                "searcher-state-*.pkl", "callback-states-*.pkl")
 TUNER_FILE = "tuner.pkl"  # written once, when the experiment starts
+
+logger = logging.getLogger(__name__)
 
 
 def state_copy_path(experiment_dir: Path) -> Path:
@@ -60,7 +63,8 @@ class KeepStateCopy(tune.Callback):
     """Zips the state Tune has just saved in the driver's staging folder, when it changed."""
 
     def __init__(self):
-        self._copied: float | None = None
+        self._copied: int | None = None  # the newest mtime (ns) of the state files last copied
+        self._warned = False
 
     def on_step_end(self, iteration, trials, **info) -> None:
         self._copy(trials)
@@ -77,10 +81,17 @@ class KeepStateCopy(tune.Callback):
         newest = max((p.stat().st_mtime_ns for p in files), default=None)
         if newest is None or newest == self._copied:
             return
-        with publishing_file(state_copy_path(Path(storage.experiment_fs_path))) as temporary, \
-                zipfile.ZipFile(temporary, "w") as archive:
-            for path in files:
-                archive.write(path, path.name)
+        copy = state_copy_path(Path(storage.experiment_fs_path))
+        try:
+            with publishing_file(copy) as temporary, zipfile.ZipFile(temporary, "w") as archive:
+                for path in files:
+                    archive.write(path, path.name)
+        except OSError as error:  # a missing copy costs safety, not results: the search goes on
+            if not self._warned:
+                logger.warning("could not keep a copy of Tune's state in %s (%s); a resume after a kill that "
+                               "tears Tune's own file would start this stage over", copy, error)
+                self._warned = True
+            return
         self._copied = newest
 
 
