@@ -70,7 +70,7 @@ def test_resume_after_killing_the_driver(tmp_path, capsys):
     state.write_bytes(b"")
     cfg = load_config(search_dir / "config.yaml")
     result = run_search(cfg, resume=search_dir)
-    assert "tore Tune's state (experiment_state-" in capsys.readouterr().out
+    assert "ant stage: the interruption tore Tune's state (experiment_state-" in capsys.readouterr().out
     assert finished.stat().st_mtime_ns == mtime  # the finished trial was not trained or scored again
     assert list(result.stages) == ["ant"] and result.search_dir == search_dir
     assert sorted(result.trials[result.trials["stage"] == "ant"]["fate"]) == ["finished", "finished"]

@@ -33,7 +33,7 @@ def _run(tmp_path: Path, resume: bool, logged: list[str]) -> tune.ResultGrid:
                     param_space={"x": tune.grid_search([1, 2]), "folder": str(tmp_path)},
                     tune_config=tune.TuneConfig(max_concurrent_trials=2),
                     run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path), verbose=0),
-                    log=logged.append)
+                    label="toy stage", log=logged.append)
 
 
 def _tear(experiment: Path) -> Path:
@@ -59,7 +59,8 @@ def test_a_torn_state_is_restored_from_its_copy_and_no_trial_runs_again(tmp_path
     assert is_whole(torn) and json.loads(torn.read_text())["trial_data"]
     assert sorted(r.metrics["score"] for r in results) == [2.0, 4.0]
     assert _runs(tmp_path) == ["1", "2"]  # restored as finished, not run again
-    assert any("tore Tune's state" in line and "restored its copy" in line for line in logged), logged
+    assert any(line.startswith("toy stage: the interruption tore Tune's state (experiment_state-")
+               and "restored the whole copy saved at" in line for line in logged), logged
 
 
 def test_without_a_copy_a_torn_experiment_is_kept_aside_and_starts_over(tmp_path):

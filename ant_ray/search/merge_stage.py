@@ -179,7 +179,7 @@ def _run_rung(setup: StageSetup, context: MergeContext, plan: MergePlan, stage_d
                                   failure_config=tune.FailureConfig(max_failures=plan.trial_max_failures),
                                   callbacks=[TrialStatusPrinter(f"merge {name}", metric, fidelity, setup.log,
                                                                 step_key="samples")]),
-        log=setup.log)
+        label=f"merge {name}", log=setup.log)
     trials = []
     for result in results:
         if result.error is not None or not result.metrics or metric not in result.metrics:

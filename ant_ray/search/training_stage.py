@@ -134,7 +134,7 @@ def run_training_stage(stage: str, setup: StageSetup, *, ant_winner: dict | None
                                   failure_config=tune.FailureConfig(max_failures=settings.trial_max_failures),
                                   callbacks=[TrialTracker(setup.tracking_uri, stage_dir, metric, steps),
                                              TrialStatusPrinter(stage, metric, steps, setup.log)]),
-        log=setup.log)
+        label=f"{stage} stage", log=setup.log)
     per_eval = num_samples
     if stage == "deme" and settings.merge == "search":
         n = len(ant_winner["intervals"]) if settings.ranges == "ant" else cfg.finetune.num_specialists

@@ -37,14 +37,15 @@ class StageSetup:
 
 def run_tune(trainable, *, name: str, storage: Path, resume: bool, param_space: dict | None,
              tune_config: tune.TuneConfig, run_config: tune.RunConfig,
-             log: Callable[[str], None] = log_line) -> tune.ResultGrid:
-    """Run a Tune experiment, or continue it (finished trials kept, unfinished ones resumed) if it was started."""
+             label: str, log: Callable[[str], None] = log_line) -> tune.ResultGrid:
+    """Run a Tune experiment, or continue it (finished trials kept, unfinished ones resumed) if it was started.
+    ``label`` names the stage in what is logged."""
     path = storage / name
     # Ctrl-C then stops the search as SIGTERM does (KeyboardInterrupt: runs marked KILLED, the --resume line).
     # Tune's own handler would end the experiment quietly, as if every running trial had been stopped early.
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     if resume:
-        repair_torn_state(path, log)
+        repair_torn_state(path, log, label)
     if resume and tune.Tuner.can_restore(str(path)):
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)

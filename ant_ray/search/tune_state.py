@@ -95,8 +95,9 @@ class KeepStateCopy(tune.Callback):
         self._copied = newest
 
 
-def repair_torn_state(experiment_dir: Path, log: Callable[[str], None]) -> None:
-    """Make a started experiment restorable, or move it aside (kept) so the stage starts over."""
+def repair_torn_state(experiment_dir: Path, log: Callable[[str], None], label: str) -> None:
+    """Make a started experiment restorable, or move it aside (kept) so the stage starts over. ``label`` names the
+    stage in what is logged."""
     if not experiment_dir.is_dir():
         return
     torn = [p.name for p in _state_files(experiment_dir) if not is_whole(p)]
@@ -114,11 +115,11 @@ def repair_torn_state(experiment_dir: Path, log: Callable[[str], None]) -> None:
         still = [p.name for p in _state_files(experiment_dir) if not is_whole(p)]
         if not still:
             saved = time.strftime("%H:%M:%S", time.localtime(copy.stat().st_mtime))
-            log(f"{experiment_dir.name}: the interruption tore Tune's state ({', '.join(torn)}); "
-                f"restored its copy from {saved}")
+            log(f"{label}: the interruption tore Tune's state ({', '.join(torn)}); "
+                f"restored the whole copy saved at {saved}")
             return
         torn = still
     aside = experiment_dir.with_name(f"{experiment_dir.name}.torn-{time.strftime('%Y%m%d-%H%M%S')}")
     experiment_dir.rename(aside)
-    log(f"{experiment_dir.name}: the interruption tore Tune's state ({', '.join(torn)}) and no whole copy exists; "
+    log(f"{label}: the interruption tore Tune's state ({', '.join(torn)}) and no whole copy exists; "
         f"this stage starts over (the torn experiment is kept in {aside})")
