@@ -1,8 +1,8 @@
 """Writing outputs so that no reader ever sees half of one, and reading them back with one-line errors.
 
-Writers (`publishing_file`, `publish_text`, `publishing_folder`) fill a hidden sibling (`.NAME.tmp-XXXXXXXX`), fsync it and then
-rename it onto the final name, so a path that exists is a finished output: a crash or a kill leaves at most a
-hidden temporary sibling that nothing reads (safe to delete).
+Writers (`publishing_file`, `publish_text`, `publishing_folder`) fill a hidden sibling (`.NAME.tmp-XXXXXXXX`),
+fsync it and then rename it onto the final name, so a path that exists is a finished output: a crash or a kill
+leaves at most a hidden temporary sibling that nothing reads (safe to delete).
 
 What a reader of the final path can see:
 - a file is replaced with `os.replace`: the old file or the new one, never a mix (POSIX rename);

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -263,4 +262,3 @@ def _run_part(name: str, part, rows: list[list[str]]) -> None:
 
 if __name__ == "__main__":
     main()
-    sys.exit(0)

@@ -3,10 +3,9 @@ experiment (`run_tune`)."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -50,6 +49,6 @@ def run_tune(trainable, *, name: str, storage: Path, resume: bool, param_space: 
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False,
                                    restart_errored=False)
     else:
-        run_config = dataclasses.replace(run_config, callbacks=[*(run_config.callbacks or []), KeepStateCopy()])
+        run_config = replace(run_config, callbacks=[*(run_config.callbacks or []), KeepStateCopy()])
         tuner = tune.Tuner(trainable, param_space=param_space, tune_config=tune_config, run_config=run_config)
     return tuner.fit()
