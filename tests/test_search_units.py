@@ -2,6 +2,7 @@
 Optuna searcher, anchors, spaces and resumable FID streams."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import optuna
@@ -12,6 +13,7 @@ from ant_ray.cli import main as cli_main
 from ant_ray.config import ConfigError, load_config
 from ant_ray.fid import StreamingFeatureStats, extend_feature_stream
 from ant_ray.merge import anchor_weights
+from ant_ray.search.callbacks import TrialStatusPrinter
 from ant_ray.search.fidelity import Ladder, rung_sizes
 from ant_ray.search.merge_stage import anchor_points, parameter_names
 from ant_ray.search.searchers import FidelityAwareOptunaSearch
@@ -216,3 +218,18 @@ def test_a_training_trials_process_does_not_import_the_training_stack():
             "'ant_ray.deme.finetune') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert loaded == "[]", f"a trial's process imports {loaded}"
+
+
+def test_the_status_line_shows_the_best_of_every_trial_including_those_a_resume_restored():
+    """A resumed stage restores finished trials without completing them again: the best must still count them."""
+    lines = []
+    printer = TrialStatusPrinter("ant", "fid50", 20, lines.append)
+
+    def trial(status, fid, lr, step=20):
+        return SimpleNamespace(status=status, last_result={"fid50": fid, "step": step}, config={"point": {"ant.lr": lr}})
+
+    restored = trial("TERMINATED", 422.29, 0.002)
+    stopped = trial("TERMINATED", 100.0, 0.01, step=10)  # stopped early: its score is not a final one
+    ending = trial("RUNNING", 449.37, 0.003)
+    printer.on_trial_complete(0, [restored, stopped, ending], ending)
+    assert lines == ["ant trials: 2 finished, 1 stopped early | best fid50 422.290 (ant.lr=0.002)"]

@@ -88,12 +88,11 @@ class TrialTracker(tune.Callback):
 
 class TrialStatusPrinter(tune.Callback):
     """One compact line when a stage's first trial starts and whenever a trial ends: how many run, wait, finished,
-    were stopped early or failed, and the best final score so far (Tune's own progress tables are off by
-    default)."""
+    were stopped early or failed, and the best final score so far, over every trial of the stage (those a resume
+    restored as finished too; Tune's own progress tables are off by default)."""
 
     def __init__(self, stage: str, metric: str, final_step: int, log, step_key: str = "step"):
         self.stage, self.metric, self.final_step, self.log, self.step_key = stage, metric, final_step, log, step_key
-        self.best: tuple[float, dict] | None = None
         self.started = False
 
     def _fate(self, trial) -> str:
@@ -104,17 +103,22 @@ class TrialStatusPrinter(tune.Callback):
     def _print(self, trials, trial, status: str) -> None:
         """``status``: what the event says about ``trial`` (Tune updates ``trial.status`` only after the callbacks)."""
         counts: dict[str, int] = {}
+        best: tuple[float, dict] | None = None
         for other in trials:
             state = status if other is trial else {"TERMINATED": self._fate(other), "ERROR": "failed"}.get(
                 other.status, other.status.lower())
             counts[state] = counts.get(state, 0) + 1
+            value = (other.last_result or {}).get(self.metric)
+            if state == "finished" and value is not None and math.isfinite(value) and (best is None or value < best[0]):
+                config = other.config.get("point", other.config)
+                best = (value, {k: v for k, v in config.items() if not isinstance(v, (dict, list))})
         order = ["running", "pending", "finished", "stopped early", "diverged", "failed"]
         parts = [f"{counts[k]} {k}" for k in order if counts.get(k)]
-        best = ""
-        if self.best is not None:
-            values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.best[1].items())
-            best = f" | best {self.metric} {self.best[0]:.3f}" + (f" ({values})" if values else "")
-        self.log(f"{self.stage} trials: {', '.join(parts)}{best}")
+        shown = ""
+        if best is not None:
+            values = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best[1].items())
+            shown = f" | best {self.metric} {best[0]:.3f}" + (f" ({values})" if values else "")
+        self.log(f"{self.stage} trials: {', '.join(parts)}{shown}")
 
     def on_trial_start(self, iteration, trials, trial, **info) -> None:
         if not self.started:  # later starts show in the next line about an ended trial
@@ -122,14 +126,7 @@ class TrialStatusPrinter(tune.Callback):
             self._print(trials, trial, "running")
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-        result = trial.last_result or {}
-        value = result.get(self.metric)
-        fate = self._fate(trial)
-        better = value is not None and math.isfinite(value) and (self.best is None or value < self.best[0])
-        if fate == "finished" and better:
-            config = trial.config.get("point", trial.config)
-            self.best = (value, {k: v for k, v in config.items() if not isinstance(v, (dict, list))})
-        self._print(trials, trial, fate)
+        self._print(trials, trial, self._fate(trial))
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
         self._print(trials, trial, "failed")
