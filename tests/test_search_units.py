@@ -226,7 +226,8 @@ def test_the_status_line_shows_the_best_of_every_trial_including_those_a_resume_
     printer = TrialStatusPrinter("ant", "fid50", 20, lines.append)
 
     def trial(status, fid, lr, step=20):
-        return SimpleNamespace(status=status, last_result={"fid50": fid, "step": step}, config={"point": {"ant.lr": lr}})
+        return SimpleNamespace(status=status, last_result={"fid50": fid, "step": step},
+                               config={"point": {"ant.lr": lr}})
 
     restored = trial("TERMINATED", 422.29, 0.002)
     stopped = trial("TERMINATED", 100.0, 0.01, step=10)  # stopped early: its score is not a final one
