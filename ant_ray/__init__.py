@@ -6,7 +6,7 @@ The public Python API; heavy modules (torch, Ray, MLflow) load only when their f
 
 from ant_ray.config import ConfigError, PipelineConfig, load_config
 
-__version__ = "0.2.0"
+__version__ = "0.1.0"  # equal to pyproject.toml's (tests/test_deploy_files.py)
 
 
 def launch_search(config_or_path, overrides=None, resume=None):
@@ -27,6 +27,11 @@ def launch_search(config_or_path, overrides=None, resume=None):
     from pathlib import Path
 
     from ant_ray.search.chain import run_search
+    from ant_ray.stages.ray_logs import quiet_driver_logs
+
+    quiet_driver_logs()  # the terminal shows what `ant-ray search` shows; ANT_RAY_VERBOSE=1 shows everything
+    if isinstance(overrides, str):  # one "key=value", not its characters
+        overrides = [overrides]
 
     if isinstance(config_or_path, PipelineConfig):
         from ant_ray.config import config_from_dict
@@ -54,7 +59,9 @@ def interval_clustering(k, cost="timestep", **options):
 def run_pipeline(config):
     """Run the fixed pipeline (pretrain -> DeMe specialists -> merge-weight search) for a PipelineConfig."""
     from ant_ray.experiments.pipeline import run_pipeline as run
+    from ant_ray.stages.ray_logs import quiet_driver_logs
 
+    quiet_driver_logs()
     return run(config)
 
 

@@ -14,6 +14,7 @@ import yaml
 
 from ant_ray import __version__
 from ant_ray.config import ConfigError, PipelineConfig, load_config
+from ant_ray.files import check_output_dir
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Start `mlflow ui` on the output directory's SQLite store (or "
                                     "MLFLOW_TRACKING_URI), bound to 127.0.0.1, and print its URL.")
     ui.add_argument("--output-dir", default="ant_ray_runs", help="the output_dir whose mlflow.db to open")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
     ui.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
 
     run = sub.add_parser("run", help="run the fixed DeMe pipeline from a YAML config (no search over p or N)",
@@ -119,6 +120,28 @@ def _load(args: argparse.Namespace, default: Path | None = None) -> PipelineConf
     return load_config(getattr(args, "config", None) or default, overrides)
 
 
+def _missing_paths(cfg: PipelineConfig) -> list[str]:
+    """The config's paths that this machine lacks: `validate` names them without failing, since a config for a
+    cluster may name paths that only its nodes have."""
+    from ant_ray.diffusion.presets import PRESETS
+
+    notes = []
+    if cfg.model.base not in PRESETS and not (Path(cfg.model.base) / "config.json").is_file():
+        notes.append(f"model.base {cfg.model.base!r} is neither a preset ({', '.join(PRESETS)}) nor a diffusers "
+                     "model folder")
+    if cfg.data.path is not None and not Path(cfg.data.path).exists():
+        notes.append(f"data.path {cfg.data.path} does not exist")
+    merge = cfg.search.merge if cfg.search else None
+    for path in ([*merge.task_vectors, merge.base_model] if merge is not None and merge.task_vectors else []):
+        if not Path(path).exists():
+            notes.append(f"search.merge: {path} does not exist")
+    try:
+        check_output_dir(cfg.output_path())
+    except ValueError as err:
+        notes.append(str(err).split(";")[0])
+    return notes
+
+
 def _parse_intervals(text: str) -> list[tuple[int, int]]:
     """--intervals '0,200;200,400' -> [(0, 200), (200, 400)]."""
     try:
@@ -167,6 +190,9 @@ def _run_command(argv: list[str] | None) -> int:
         if args.command == "search" and args.config is None:
             if not args.resume:
                 raise ConfigError("ant-ray search needs a CONFIG file (see search_spaces/), or --resume SEARCH_DIR")
+            if not Path(args.resume).is_dir():
+                raise ConfigError(f"--resume {args.resume} does not exist; pass the folder the search printed, "
+                                  "<output_dir>/searches/<name>-<date>-<id>")
             if not (Path(args.resume) / "config.yaml").is_file():
                 raise ConfigError(f"--resume {args.resume} is not a search folder (it has no config.yaml); pass the "
                                   "folder the search printed, <output_dir>/searches/<name>-<date>-<id>")
@@ -178,8 +204,17 @@ def _run_command(argv: list[str] | None) -> int:
         return 2
     if args.command == "validate":
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        for note in _missing_paths(cfg):
+            print(f"warning: {note} on this machine (fine if it exists where the job runs, e.g. on a cluster's "
+                  "shared storage; a command run here fails on it)", file=sys.stderr)
         return 0
     if args.command in ("search", "demo"):
+        try:  # the checks that need no torch or Ray, before their imports (seconds)
+            cfg.check_searchable()
+            check_output_dir(cfg.output_path())
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         from ant_ray.search.chain import run_search
 
         resume = Path(args.resume) if getattr(args, "resume", None) else None
@@ -262,10 +297,13 @@ def _open_ui(args: argparse.Namespace) -> int:
     for experiment, page in saved_runs_pages(uri).items():  # the runs tables (the UI opens on GenAI pages)
         print(f"  {experiment}: {address}/{page}")
     sys.stdout.flush()
+    # two server processes are plenty for one person's browser; uvicorn's per-request lines stay out of the terminal
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
-               "--port", str(args.port)]
+               "--port", str(args.port), "--workers", "2", "--uvicorn-opts", "--log-level warning"]
     try:
-        return subprocess.call(command)
+        # the libraries' deprecation notices to their own developers (file paths and all) are not for this terminal
+        quiet = "ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated"
+        return subprocess.call(command, env={**os.environ, "PYTHONWARNINGS": quiet})
     except KeyboardInterrupt:
         return 0
 

@@ -30,6 +30,7 @@ from typing import Any, Iterable, Mapping
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from ant_ray.commands import command
 from ant_ray.files import publish_text
 
 # SQLite stores are opened by several processes (driver, trials, workers); MLflow's own sqlite pool is fine with
@@ -238,8 +239,8 @@ def ui_command(tracking_uri: str, page: str | None = None) -> str:
     (from `save_runs_view`) on it or on the tracking server."""
     shown = redact_credentials({"uri": tracking_uri})["uri"]
     if tracking_uri.startswith("sqlite:"):
-        command = f"mlflow ui --backend-store-uri {tracking_uri}"
-        return f"{command}, then open http://127.0.0.1:5000/{page}" if page else command
+        ui = f"{command('mlflow')} ui --backend-store-uri {tracking_uri}"
+        return f"{ui}, then open http://127.0.0.1:5000/{page}" if page else ui
     if page and tracking_uri.startswith(("http://", "https://")):
         return f"open {shown.rstrip('/')}/{page}"
     return f"open {shown} (MLFLOW_TRACKING_URI) in a browser"

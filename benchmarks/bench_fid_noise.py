@@ -34,7 +34,7 @@ def main() -> None:
     merger = TaskVectorMerger.from_task_vectors(model.state_dict(), [load_task_vector(p)[0] for p in task_vectors])
     model.load_state_dict(merger.merge([1.0] * len(task_vectors)))
     scorer = FIDScorer(cfg, cfg.output_path() / "cache" / "fid")
-    print(f"\n| metric | seeds | mean | std | min - max |\n| --- | --- | --- | --- | --- |")
+    print("\n| metric | seeds | mean | std | min - max |\n| --- | --- | --- | --- | --- |")
     for count in (int(c) for c in args.counts.split(",")):
         values = [scorer.score(model_denoiser(model), count, seed) for seed in range(1000, 1000 + args.seeds)]
         print(f"| {metric_name(cfg, count)} | {args.seeds} | {statistics.mean(values):.3f} | "

@@ -63,3 +63,19 @@ def test_tracking_uri_default_and_env(tmp_path, monkeypatch):
     assert cfg.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert cfg.tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_validate_names_the_paths_this_machine_lacks(tmp_path, capsys):
+    """A config for a cluster may name paths only its nodes have: validate warns, and still succeeds."""
+    from ant_ray.cli import main
+
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    code = main(["validate", "search_spaces/quickstart.yaml", "--set", "model.base=/nope/unet",
+                 "--output-dir", str(a_file / "out")])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "warning: model.base '/nope/unet' is neither a preset" in err
+    assert f"warning: output_dir {a_file / 'out'} is not a folder ({a_file} is a file)" in err
+    assert main(["validate", "search_spaces/quickstart.yaml"]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -148,3 +148,9 @@ def test_cluster_launcher_config_is_valid_for_ray():
     assert config["head_node_type"] in node_types
     workers = {name: t for name, t in node_types.items() if name != config["head_node_type"]}
     assert workers and sum(t["max_workers"] for t in workers.values()) <= config["max_workers"]
+
+
+def test_the_command_reports_the_project_version():
+    from ant_ray import __version__
+
+    assert __version__ == _project_version()  # `ant-ray --version`, pip and the image tags say the same

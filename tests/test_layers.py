@@ -8,7 +8,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "ant_ray"
 
 # Lowest first. A module may import only from its own layer or below.
 LAYERS = [
-    ("kernels", ["ant_ray.registry", "ant_ray.plugin_options", "ant_ray.files", "ant_ray.ant.clustering", "ant_ray.ant.clustering_costs",
+    ("kernels", ["ant_ray.registry", "ant_ray.plugin_options", "ant_ray.files", "ant_ray.commands",
+                 "ant_ray.ant.clustering", "ant_ray.ant.clustering_costs",
                  "ant_ray.ant.affinity", "ant_ray.ant.affinity_stage", "ant_ray.mtl", "ant_ray.merge",
                  "ant_ray.diffusion", "ant_ray.data", "ant_ray.fid", "ant_ray.deme.projection", "ant_ray.training"]),
     ("config", ["ant_ray.config"]),

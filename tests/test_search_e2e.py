@@ -117,14 +117,26 @@ def test_merge_scores_the_anchors_first(search):
     merge = result.trials[result.trials["stage"] == "merge"]
     top = merge[merge["rung"] == merge["rung"].max()]
     assert result.stages["merge"].best_score == top["fid"].min()
+    # one model, one sample count, one score: the anchor (1, 1) is task arithmetic, which the deme trial scored in
+    # its loop on the same 50 samples (same seed, same batches)
+    rung0 = merge[merge["rung"] == 0]
+    arithmetic = rung0[(rung0["w0"] == 1.0) & (rung0["w1"] == 1.0)]["fid"].item()
+    assert arithmetic == pytest.approx(result.stages["deme"].best_score, rel=1e-4)
 
 
 def test_resuming_a_finished_search_reruns_no_stage(search):
-    """A chained search continues at the stage it had reached: here every stage is done, so only the final
-    re-score runs again, into the same MLflow runs."""
+    """A chained search continues at the stage it had reached: here it had finished, so nothing runs again and
+    nothing is logged again; the result is the one it saved."""
     cfg, result = search
-    again = run_search(cfg, resume=result.search_dir)
+    client = MlflowClient(result.tracking_uri)
+    logged = client.get_run(result.parent_run_id).data.metrics
+    lines = []
+    again = run_search(cfg, resume=result.search_dir, log=lines.append)
+    assert any("this search had finished: nothing to resume" in line for line in lines)
     assert again.best == result.best and again.parent_run_id == result.parent_run_id
+    assert again.final.scores == result.final.scores and again.seconds == result.seconds
+    assert again.table() == result.table()
+    assert client.get_run(result.parent_run_id).data.metrics == logged
     assert list(again.trials["trial_id"]) == list(result.trials["trial_id"])
     assert list(again.trials["fate"]) == list(result.trials["fate"])
     _, runs, by_stage = _runs(cfg, again)

@@ -52,6 +52,16 @@ def test_bad_search_sections_name_the_field(overrides, field):
     assert field in str(err.value)
 
 
+def test_merge_fidelities_continue_in_the_batches_every_stage_samples_in():
+    merge = ["search=null", "search.merge.task_vectors=[a.safetensors]", "search.merge.base_model=b"]
+    with pytest.raises(ConfigError) as err:
+        load_config("search_spaces/quickstart.yaml", merge + ["search.merge.fidelities=[100, 200, 300]"])
+    assert "search.merge.fidelities: [100, 200] must be multiples of fid.batch_size (250)" in str(err.value)
+    assert "fid.batch_size=100" in str(err.value)
+    # the last fidelity is never continued, so it may end in a part batch
+    load_config("search_spaces/quickstart.yaml", merge + ["search.merge.fidelities=[250, 600]"])
+
+
 def test_space_overrides_reach_dotted_keys():
     cfg = load_config("search_spaces/quickstart.yaml", [ANT_K, "search.ant.space.ant.k.high=6",
                                                        "search.ant.space.ant.weighting.name="
@@ -234,3 +244,37 @@ def test_the_status_line_shows_the_best_of_every_trial_including_those_a_resume_
     ending = trial("RUNNING", 449.37, 0.003)
     printer.on_trial_complete(0, [restored, stopped, ending], ending)
     assert lines == ["ant trials: 2 finished, 1 stopped early | best fid50 422.290 (ant.lr=0.002)"]
+
+
+def test_a_resume_with_another_config_names_what_differs(tmp_path):
+    from ant_ray.search.chain import prepare_search_dir
+
+    cfg = load_config("search_spaces/quickstart.yaml", [f"output_dir={tmp_path / 'a'}"])
+    search_dir, _ = prepare_search_dir(cfg, None)
+    # Ray's section may change (a cluster instead of the private Ray); anything else may not
+    assert prepare_search_dir(load_config("search_spaces/quickstart.yaml", [f"output_dir={tmp_path / 'a'}",
+                                                                            "ray.num_cpus=8"]), search_dir)
+    other = load_config("search_spaces/quickstart.yaml", [f"output_dir={tmp_path / 'b'}", "ant.lr=0.1"])
+    with pytest.raises(ValueError) as err:
+        prepare_search_dir(other, search_dir)
+    message = str(err.value)
+    assert "ant.lr: 0.002 there, 0.1 here" in message
+    assert f"output_dir: '{tmp_path / 'a'}' there, '{tmp_path / 'b'}' here" in message
+    assert "--resume alone" in message
+
+
+def test_printed_hints_name_a_command_the_shell_will_find(monkeypatch, tmp_path):
+    """scripts/demo.sh runs .venv/bin/ant-ray without activating the virtualenv: a hint then gives the path."""
+    import sys
+    from pathlib import Path
+
+    from ant_ray.commands import command
+
+    ours = Path(sys.executable).parent / "mlflow"
+    assert ours.is_file()
+    monkeypatch.setenv("PATH", str(ours.parent))
+    assert command("mlflow") == "mlflow"
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.chdir(ours.parent.parent)
+    assert command("mlflow") == str(Path(ours.parent.name) / "mlflow")
+    assert command("no-such-command-here") == "no-such-command-here"

@@ -21,6 +21,7 @@ matplotlib.use("Agg")
 
 from mlflow.tracking import MlflowClient
 
+from ant_ray.commands import command
 from ant_ray.data import load_dataset
 from ant_ray.tracking import (RUNS_VIEW_TAG_PREFIX, TrackedRun, TrackingUnreachable, check_tracking_store, flatten,
                               loss_curve_figure, save_runs_view, saved_runs_pages, setup_experiment, ui_command)
@@ -53,9 +54,10 @@ def test_runs_nest_and_log(tmp_path):
 
 def test_flatten_and_ui_command():
     assert flatten({"a": {"b": {"c": 1}}, "d": 2}) == {"a.b.c": 1, "d": 2}
-    assert ui_command("sqlite:////x/mlflow.db") == "mlflow ui --backend-store-uri sqlite:////x/mlflow.db"
+    mlflow = command("mlflow")  # the bare name, or the virtualenv's path where the shell would not find it
+    assert ui_command("sqlite:////x/mlflow.db") == f"{mlflow} ui --backend-store-uri sqlite:////x/mlflow.db"
     page = "#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=ant_ray-0"
-    assert ui_command("sqlite:////x/mlflow.db", page) == ("mlflow ui --backend-store-uri sqlite:////x/mlflow.db, "
+    assert ui_command("sqlite:////x/mlflow.db", page) == (f"{mlflow} ui --backend-store-uri sqlite:////x/mlflow.db, "
                                                           f"then open http://127.0.0.1:5000/{page}")
     assert ui_command("http://u:secret@mlflow:5000/", page) == f"open http://u:***@mlflow:5000/{page}"
 

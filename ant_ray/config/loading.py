@@ -117,6 +117,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     source = "defaults"
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"config {path} is a folder; pass a YAML file (the shipped ones are in search_spaces/), "
+                              "or continue a search in that folder with --resume")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist (the shipped ones are in search_spaces/)")
         raw = _read_yaml(path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -40,7 +41,8 @@ class PipelineConfig(Section):
         if self.sampler.steps > T:
             raise ValueError(f"sampler.steps ({self.sampler.steps}) cannot exceed diffusion.T ({T})")
         if self.finetune.num_specialists > T:
-            raise ValueError(f"finetune.num_specialists ({self.finetune.num_specialists}) cannot exceed diffusion.T")
+            raise ValueError(f"finetune.num_specialists ({self.finetune.num_specialists}) cannot exceed diffusion.T "
+                             f"({T})")
         if self.ant.k > T:
             raise ValueError(f"ant.k ({self.ant.k}) cannot exceed diffusion.T ({T})")
         k, low, high = self.ant.k, self.ant.min_size, self.ant.max_size
@@ -54,6 +56,12 @@ class PipelineConfig(Section):
         if self.search is not None:
             _check_search(self)
         return self
+
+    def check_searchable(self) -> None:
+        """`ant-ray search` needs a search: section with at least one stage."""
+        if self.search is None or not self.search.stages():
+            raise ValueError("this config has no search: section; add one (see search_spaces/quickstart.yaml) or run "
+                             "the fixed pipeline with `ant-ray run`")
 
     def worker_dump(self) -> dict:
         """The config as the training loops and scoring tasks receive it (JSON-able; the search section stays with
@@ -144,3 +152,12 @@ def _check_search(cfg: PipelineConfig) -> None:
         if merge.task_vectors is None and deme is None:
             raise ValueError("search.merge.task_vectors: nothing to merge; list task vector files (with "
                              "search.merge.base_model) or add a search.deme stage")
+        # A candidate's sample stream goes on from one fidelity to the next in whole batches of fid.batch_size, the
+        # batches every stage samples in: so one model scored on n samples gets one score in every stage.
+        batch = cfg.fid.batch_size
+        broken = [n for n in merge.fidelities[:-1] if n % batch]
+        if broken:
+            raise ValueError(f"search.merge.fidelities: {broken} must be multiples of fid.batch_size ({batch}), so "
+                             "that a candidate's samples continue from one fidelity to the next in the batches every "
+                             f"stage samples in; use multiples of {batch}, or set fid.batch_size="
+                             f"{math.gcd(*merge.fidelities[:-1])}")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import yaml
 
+from ant_ray.commands import command
 from ant_ray.config import PipelineConfig
 from ant_ray.deme.projection import add_channel_projections, channel_projection_places
 from ant_ray.deme.ranges import specialist_ranges
@@ -243,5 +244,5 @@ def run_pipeline(cfg: PipelineConfig, *, parent_run_id: str | None = None,
         for run in reversed(open_runs):
             run.set_tags({"ant_ray.failure": f"{type(err).__name__}: {err}"[:500]})
             run.finish(status)
-        _log(f"run stopped ({type(err).__name__}); continue it with: ant-ray run CONFIG --resume {run_dir}")
+        _log(f"run stopped ({type(err).__name__}); continue it with: {command('ant-ray')} run CONFIG --resume {run_dir}")
         raise

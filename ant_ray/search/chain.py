@@ -17,10 +17,11 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import yaml
 
+from ant_ray.commands import command
 from ant_ray.config import PipelineConfig, ResourcesConfig
 from ant_ray.data import ImageDataset, save_image_grid
 from ant_ray.diffusion import build_model, load_model, model_denoiser, save_model
@@ -33,7 +34,7 @@ from ant_ray.search.plots import merge_landscape, study_figures
 from ant_ray.search.result import SearchResult
 from ant_ray.search.training_stage import run_training_stage
 from ant_ray.search.tune_runs import StageSetup, log_line
-from ant_ray.stages.evaluate import score_with_seeds
+from ant_ray.stages.evaluate import RepeatedScore, score_with_seeds
 from ant_ray.stages.ray_runtime import start_ray
 from ant_ray.files import check_output_dir
 from ant_ray.tracking import TrackedRun, check_tracking_store, save_runs_view, setup_experiment, worker_env
@@ -47,10 +48,8 @@ STATE_FILE = "state.json"
 
 def check_search_inputs(cfg: PipelineConfig) -> ImageDataset:
     """Bad input fails here, in seconds, before Ray starts or anything is written. Returns the dataset."""
+    cfg.check_searchable()
     search = cfg.search
-    if search is None or not search.stages():
-        raise ValueError("this config has no search: section; add one (see search_spaces/quickstart.yaml) or run "
-                         "the fixed pipeline with `ant-ray run`")
     data = load_reference_dataset(cfg)
     build_model(cfg.model.base, resolution=cfg.data.resolution, channels=cfg.data.channels)
     sections = (["ant"] if search.ant else []) + (["pretrain", "finetune"] if search.deme else [])
@@ -103,9 +102,26 @@ def _check_resources(cfg: PipelineConfig) -> None:
 # ------------------------------------------------------------------------------------------------ the search folder
 
 
-def _config_text(cfg: PipelineConfig) -> str:
-    """What must not change between a search and its resume (where Ray runs may)."""
-    return yaml.safe_dump(cfg.model_dump(mode="json", exclude={"ray"}), sort_keys=True)
+def _flat_config(cfg: PipelineConfig) -> dict[str, Any]:
+    """What must not change between a search and its resume (where Ray runs may), as dotted keys."""
+    flat: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict) and value:
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        else:
+            flat[prefix] = value
+
+    walk("", cfg.model_dump(mode="json", exclude={"ray"}))
+    return flat
+
+
+def config_differences(before: PipelineConfig, now: PipelineConfig) -> list[str]:
+    """'field: X there, Y here' for every field the two configs set differently (Ray's section aside)."""
+    a, b = _flat_config(before), _flat_config(now)
+    return [f"{key}: {a.get(key)!r} there, {b.get(key)!r} here" for key in sorted(a.keys() | b.keys())
+            if a.get(key) != b.get(key)]
 
 
 def prepare_search_dir(cfg: PipelineConfig, resume: Path | None) -> tuple[Path, dict]:
@@ -122,9 +138,12 @@ def prepare_search_dir(cfg: PipelineConfig, resume: Path | None) -> tuple[Path, 
     if not (saved.is_file() and (search_dir / STATE_FILE).is_file()):
         raise ValueError(f"--resume {search_dir} is not a search folder (expected config.yaml and {STATE_FILE}, "
                          f"as in {cfg.output_path() / 'searches'}/<name>-<date>-<id>)")
-    if _config_text(PipelineConfig.model_validate(yaml.safe_load(saved.read_text()))) != _config_text(cfg):
-        raise ValueError(f"--resume {search_dir}: that search used another configuration (see its config.yaml); "
-                         "resume with the same config and --set overrides, or start a new search")
+    differences = config_differences(PipelineConfig.model_validate(yaml.safe_load(saved.read_text())), cfg)
+    if differences:
+        shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
+        raise ValueError(f"--resume {search_dir}: that search used another configuration ({shown}); resume with "
+                         "--resume alone (it reads the search's own config.yaml) or with the same config and --set "
+                         "overrides, or start a new search")
     return search_dir, json.loads((search_dir / STATE_FILE).read_text())
 
 
@@ -161,6 +180,9 @@ def run_search(cfg: PipelineConfig, *, resume: Path | None = None,
     out = cfg.output_path()
     experiment_id = setup_experiment(uri, cfg.tracking.experiment, out / "mlartifacts")
     runs_page = save_runs_view(uri, experiment_id, [*fid_metrics(cfg), "loss"])
+    if state.get("finished"):
+        log("this search had finished: nothing to resume; its result as it was saved")
+        return _finished_result(cfg, search_dir, state, runs_page)
 
     def adopt_or_start(key: str, name: str, parent: str | None, tags: dict) -> TrackedRun:
         run_id = state["stage_runs"].get(key) if key != "search" else state["parent_run_id"]
@@ -244,6 +266,9 @@ def run_search(cfg: PipelineConfig, *, resume: Path | None = None,
         result.seconds = time.time() - started + state.get("seconds_before_resume", 0.0)
         _publish_search(result, parent, cfg)
         parent.finish()
+        state["finished"] = {"final": {"metric": repeated.metric, "scores": repeated.scores},
+                             "seconds": result.seconds}
+        _save_state(search_dir, state)
         return result
     except BaseException as err:
         status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
@@ -253,8 +278,8 @@ def run_search(cfg: PipelineConfig, *, resume: Path | None = None,
         state["seconds_before_resume"] = state.get("seconds_before_resume", 0.0) + time.time() - started
         _save_state(search_dir, state)
         why = {KeyboardInterrupt: "interrupted", SystemExit: "terminated"}.get(type(err), type(err).__name__)
-        log(f"search stopped ({why}); its folder is {search_dir}; continue it with: ant-ray search --resume "
-            f"{search_dir}")
+        log(f"search stopped ({why}); its folder is {search_dir}; continue it with: {command('ant-ray')} search "
+            f"--resume {search_dir}")
         raise
 
 
@@ -269,6 +294,20 @@ def _merge(cfg: PipelineConfig, setup: StageSetup, deme: StageOutcome | None) ->
                      max_concurrent=settings.max_concurrent, cpu=settings.resources.cpu, gpu=settings.resources.gpu,
                      trial_max_failures=settings.trial_max_failures)
     return run_merge_stage(setup, base_model=base, task_vectors=task_vectors, plan=plan, merge=cfg.merge_search)
+
+
+def _finished_result(cfg: PipelineConfig, search_dir: Path, state: dict, runs_page: str | None) -> SearchResult:
+    """A finished search's result from its folder, touching nothing: no Ray, no scoring, no MLflow writes."""
+    final = state["finished"]["final"]
+    result = SearchResult(search_dir=search_dir, tracking_uri=cfg.tracking_uri(), parent_run_id=state["parent_run_id"],
+                          stages={stage: StageOutcome.load(search_dir / stage / "outcome.json")
+                                  for stage in cfg.search.stages()},
+                          winner_model=search_dir / "winner" / "model",
+                          final=RepeatedScore(metric=final["metric"], scores=final["scores"]),
+                          final_images=cfg.search.final.num_samples * len(cfg.search.final.seeds),
+                          stage_run_ids=dict(state["stage_runs"]), runs_page=runs_page)
+    result.seconds = state["finished"]["seconds"]
+    return result
 
 
 def _save_winner(cfg: PipelineConfig, outcomes: dict[str, StageOutcome], search_dir: Path) -> Path:

@@ -70,6 +70,10 @@ def grid_axis(low: float, high: float, step: float) -> list[float]:
     return [round(low + i * step, 10) for i in range(count)]
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def check_task_vectors(paths: list[Path], base_fingerprint: str) -> None:
     """Task vectors must come from the base they are merged into (the fingerprint in their metadata)."""
     for path in paths:
@@ -88,12 +92,12 @@ def run_merge_stage(setup: StageSetup, *, base_model: Path, task_vectors: list[P
     stage_dir.mkdir(parents=True, exist_ok=True)
     groups = list(merge.layer_groups) if merge.layer_groups else None
     names = parameter_names(len(task_vectors), groups)
-    stream_batch = math.gcd(cfg.fid.batch_size, *plan.fidelities)
     context = MergeContext(
         cfg_dump=cfg.worker_dump(), base_model=str(base_model),
         task_vectors=tuple(str(p) for p in task_vectors), stage_dir=str(stage_dir), tracking_uri=setup.tracking_uri,
         experiment_id=setup.experiment_id, stage_run_id=setup.stage_run.run_id,
-        cache_dir=str(cfg.output_path() / "cache" / "fid"), stream_batch=stream_batch, param_names=tuple(names),
+        cache_dir=str(cfg.output_path() / "cache" / "fid"), stream_batch=cfg.fid.batch_size,
+        param_names=tuple(names),
         groups=tuple(groups) if groups else None, merge_options=merge.merge_options())
     ladder = Ladder(plan.fidelities)
     params_of: dict[str, dict[str, float]] = {}
@@ -124,7 +128,7 @@ def run_merge_stage(setup: StageSetup, *, base_model: Path, task_vectors: list[P
             images += trial["images"]
             rows.append({"candidate": key, "rung": rung, "samples": fidelity, "images": trial["images"],
                          **trial["params"], "fid": trial["fid"], "metric": metric})
-        setup.log(f"merge rung {rung}: {len(done['trials'])} candidates at {fidelity} samples, best {metric} "
+        setup.log(f"merge rung {rung}: {_count(len(done['trials']), 'candidate')} at {fidelity} samples, best {metric} "
                   f"{min(t['fid'] for t in done['trials']):.3f}")
 
     winner, fidelity, score = ladder.best()

@@ -52,7 +52,12 @@ class SearchResult:
     def trials(self) -> pd.DataFrame:
         """Every trial of every stage, one row each, with a `stage` column."""
         frames = [o.trials().assign(stage=name) for name, o in self.stages.items()]
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        for column in table.select_dtypes("float").columns:  # a stage without the column made NaNs: 2.0 -> 2
+            values = table[column].dropna()
+            if len(values) and (values == values.round()).all():
+                table[column] = table[column].astype("Int64")
+        return table
 
     @property
     def images_generated(self) -> int:
@@ -74,11 +79,14 @@ class SearchResult:
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "-" * len(lines[0]))
+        if len({o.metric for o in self.stages.values()}) > 1:
+            lines.append("(scores on different sample counts are not comparable: FID falls as the count grows)")
         if self.final is not None:
             lines += ["", f"final: {self.final.metric} {self.final.text()}"]
         images = ", ".join(f"{n} {o.images_generated:,}" for n, o in self.stages.items())
         lines += [f"images generated: {images}" + (f", final {self.final_images:,}" if self.final_images else ""),
-                  f"winner model: {self.winner_model} (diffusers format)",
+                  f"winner model: {self.winner_model} (diffusers format; 64 samples of it in "
+                  f"{Path(self.winner_model).parent / 'samples.png'})",
                   f"search directory: {self.search_dir}",
                   f"finished in {self.seconds / 60:.1f} min",
                   f"MLflow UI: {ui_command(self.tracking_uri, self.runs_page)}"]

@@ -122,7 +122,8 @@ def run_training_stage(stage: str, setup: StageSetup, *, ant_winner: dict | None
     scheduler = build_scheduler(settings.scheduler.name, metric=metric, max_t=steps,
                                 grace_period=settings.scheduler.grace_period or settings.eval_every or steps,
                                 reduction_factor=settings.scheduler.reduction_factor)
-    setup.log(f"{stage} stage: {settings.trial_count()} trials, {settings.max_concurrent} at a time, "
+    count = settings.trial_count()
+    setup.log(f"{stage} stage: {count} trial{'' if count == 1 else 's'}, {settings.max_concurrent} at a time, "
               f"{settings.searcher.name} searcher, {settings.scheduler.name} scheduler, scored by {metric}")
     # No actor reuse here: Tune cannot reset the actor of a function trainable that ASHA stopped mid-training and
     # fails the next trial instead, and a trial is a whole Ray Train run anyway (the merge stage reuses them).

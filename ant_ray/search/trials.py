@@ -243,7 +243,7 @@ class MergeContext:
     experiment_id: str
     stage_run_id: str
     cache_dir: str
-    stream_batch: int  # one batch size for every fidelity, so a stream can stop at one and continue to the next
+    stream_batch: int  # fid.batch_size, every stage's: a stream stops at one fidelity and continues to the next
     param_names: tuple[str, ...]
     groups: tuple[str, ...] | None
     merge_options: dict = field(default_factory=dict)
