@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from ant_ray.plugin_options import check_mtl_options, check_weighting_options
 
@@ -189,10 +189,23 @@ class ANTConfig(TrainConfig):
     affinity: AffinityConfig = Field(default_factory=AffinityConfig)
     init_model: Optional[str] = None  # start from a diffusers folder instead of model.base
 
+    # Field validators, so that an error names ant.method or ant.method_options (method is checked first)
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, method: str) -> str:
+        check_mtl_options(method)  # raises naming the methods there are
+        return method
+
+    @field_validator("method_options")
+    @classmethod
+    def _known_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        _plain_json(options, "ant.method_options")
+        if "method" in info.data:  # else the method itself failed, and says so
+            check_mtl_options(info.data["method"], options)  # raises naming the option and the rule
+        return options
+
     @model_validator(mode="after")
-    def _known_method(self) -> "ANTConfig":
-        _plain_json(self.method_options, "ant.method_options")
-        check_mtl_options(self.method, self.method_options)  # raises naming a bad method or option
+    def _sizes(self) -> "ANTConfig":
         if self.min_size is not None and self.max_size is not None and self.min_size > self.max_size:
             raise ValueError("ant.min_size must be <= ant.max_size")
         return self

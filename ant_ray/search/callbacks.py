@@ -50,6 +50,7 @@ class TrialTracker(tune.Callback):
         self.final_step = final_step
         self.step_key = step_key
         self.trial_dir_of = trial_dir_of or (lambda trial: trial_folder(stage_dir, trial.trial_id))
+        self._logged_step: dict[str, int] = {}  # a trial's final report repeats its last in-loop score
 
     def _runs(self, trial) -> tuple[TrackedRun | None, list[TrackedRun]]:
         folder = self.trial_dir_of(trial)
@@ -61,10 +62,14 @@ class TrialTracker(tune.Callback):
         return run, train_runs
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
-        run, _ = self._runs(trial)
         value = result.get(self.metric)
-        if run is not None and value is not None and math.isfinite(value):
-            run.log_metrics({self.metric: value}, step=int(result.get(self.step_key, 0)))
+        step = int(result.get(self.step_key, 0))
+        if value is None or not math.isfinite(value) or self._logged_step.get(trial.trial_id) == step:
+            return
+        run, _ = self._runs(trial)
+        if run is not None:
+            run.log_metrics({self.metric: value}, step=step)
+            self._logged_step[trial.trial_id] = step
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}
