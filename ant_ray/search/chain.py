@@ -17,7 +17,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import yaml
 
@@ -37,7 +37,8 @@ from ant_ray.search.tune_runs import StageSetup, log_line
 from ant_ray.stages.evaluate import RepeatedScore, score_with_seeds
 from ant_ray.stages.ray_runtime import start_ray
 from ant_ray.files import check_output_dir
-from ant_ray.tracking import TrackedRun, check_tracking_store, save_runs_view, setup_experiment, worker_env
+from ant_ray.tracking import (TrackedRun, check_tracking_store, flatten, save_runs_view, setup_experiment,
+                              worker_env)
 from ant_ray.training import worker_groups
 
 STATE_FILE = "state.json"
@@ -102,24 +103,10 @@ def _check_resources(cfg: PipelineConfig) -> None:
 # ------------------------------------------------------------------------------------------------ the search folder
 
 
-def _flat_config(cfg: PipelineConfig) -> dict[str, Any]:
-    """What must not change between a search and its resume (where Ray runs may), as dotted keys."""
-    flat: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict) and value:
-            for key, inner in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), inner)
-        else:
-            flat[prefix] = value
-
-    walk("", cfg.model_dump(mode="json", exclude={"ray"}))
-    return flat
-
-
 def config_differences(before: PipelineConfig, now: PipelineConfig) -> list[str]:
-    """'field: X there, Y here' for every field the two configs set differently (Ray's section aside)."""
-    a, b = _flat_config(before), _flat_config(now)
+    """'field: X there, Y here' for every field the two configs set differently: what must not change between a
+    search and its resume (where Ray runs may)."""
+    a, b = (flatten(c.model_dump(mode="json", exclude={"ray"})) for c in (before, now))
     return [f"{key}: {a.get(key)!r} there, {b.get(key)!r} here" for key in sorted(a.keys() | b.keys())
             if a.get(key) != b.get(key)]
 
@@ -171,18 +158,22 @@ def _save_state(search_dir: Path, state: dict) -> None:
 def run_search(cfg: PipelineConfig, *, resume: Path | None = None,
                log: Callable[[str], None] = log_line) -> SearchResult:
     started = time.time()
+    if resume is not None:
+        search_dir, state = prepare_search_dir(cfg, resume)
+        if state.get("finished"):
+            log(f"search folder: {search_dir}")
+            log("this search had finished: nothing to resume; its result as it was saved")
+            return _finished_result(cfg, search_dir, state)
     dataset = check_search_inputs(cfg)
     check_output_dir(cfg.output_path())
     check_tracking_store(cfg.tracking_uri())  # an unreachable server fails here, in seconds, not after minutes
-    search_dir, state = prepare_search_dir(cfg, resume)
+    if resume is None:
+        search_dir, state = prepare_search_dir(cfg, None)
     log(f"search folder: {search_dir}")
     uri = cfg.tracking_uri()
     out = cfg.output_path()
     experiment_id = setup_experiment(uri, cfg.tracking.experiment, out / "mlartifacts")
     runs_page = save_runs_view(uri, experiment_id, [*fid_metrics(cfg), "loss"])
-    if state.get("finished"):
-        log("this search had finished: nothing to resume; its result as it was saved")
-        return _finished_result(cfg, search_dir, state, runs_page)
 
     def adopt_or_start(key: str, name: str, parent: str | None, tags: dict) -> TrackedRun:
         run_id = state["stage_runs"].get(key) if key != "search" else state["parent_run_id"]
@@ -267,7 +258,7 @@ def run_search(cfg: PipelineConfig, *, resume: Path | None = None,
         _publish_search(result, parent, cfg)
         parent.finish()
         state["finished"] = {"final": {"metric": repeated.metric, "scores": repeated.scores},
-                             "seconds": result.seconds}
+                             "seconds": result.seconds, "runs_page": runs_page}
         _save_state(search_dir, state)
         return result
     except BaseException as err:
@@ -296,8 +287,8 @@ def _merge(cfg: PipelineConfig, setup: StageSetup, deme: StageOutcome | None) ->
     return run_merge_stage(setup, base_model=base, task_vectors=task_vectors, plan=plan, merge=cfg.merge_search)
 
 
-def _finished_result(cfg: PipelineConfig, search_dir: Path, state: dict, runs_page: str | None) -> SearchResult:
-    """A finished search's result from its folder, touching nothing: no Ray, no scoring, no MLflow writes."""
+def _finished_result(cfg: PipelineConfig, search_dir: Path, state: dict) -> SearchResult:
+    """A finished search's result from its folder, touching nothing else: no Ray, no scoring, no MLflow."""
     final = state["finished"]["final"]
     result = SearchResult(search_dir=search_dir, tracking_uri=cfg.tracking_uri(), parent_run_id=state["parent_run_id"],
                           stages={stage: StageOutcome.load(search_dir / stage / "outcome.json")
@@ -305,7 +296,7 @@ def _finished_result(cfg: PipelineConfig, search_dir: Path, state: dict, runs_pa
                           winner_model=search_dir / "winner" / "model",
                           final=RepeatedScore(metric=final["metric"], scores=final["scores"]),
                           final_images=cfg.search.final.num_samples * len(cfg.search.final.seeds),
-                          stage_run_ids=dict(state["stage_runs"]), runs_page=runs_page)
+                          stage_run_ids=dict(state["stage_runs"]), runs_page=state["finished"]["runs_page"])
     result.seconds = state["finished"]["seconds"]
     return result
 
