@@ -79,3 +79,63 @@ def test_validate_names_the_paths_this_machine_lacks(tmp_path, capsys):
     assert f"warning: output_dir {a_file / 'out'} is not a folder ({a_file} is a file)" in err
     assert main(["validate", "search_spaces/quickstart.yaml"]) == 0
     assert "warning" not in capsys.readouterr().err
+
+
+LR_STEP = "search.ant.space.ant.lr={type: float, low: 0.001, high: 0.003, step: 0.001}"
+
+
+@pytest.mark.parametrize("overrides, hint", [
+    ([LR_STEP, "ant.lr=0.0015"], "search.ant.space[ant.lr]: the config's ant.lr (0.0015) is tried first, but it is "
+                                 "off the space's step (0.001 from 0.001): set ant.lr to 0.001 or 0.002"),
+    (["search.ant.space.ant.k={type: int, low: 2, high: 8, step: 2}", "ant.k=5"],
+     "search.ant.space[ant.k]: the config's ant.k (5) is tried first, but it is off the space's step (2 from 2): "
+     "set ant.k to 4 or 6"),
+    (["search.ant.space.ant.lr={type: float, low: 0.001, high: 0.0035, step: 0.001}"],
+     "search.ant.space[ant.lr]: high - low (0.0025) must be a multiple of step (0.001): set high to 0.003 or 0.004"),
+])
+def test_a_config_value_off_the_step_fails_on_load(overrides, hint):
+    """An Optuna searcher enqueues the config's own value first; off the step, Optuna would only warn."""
+    with pytest.raises(ConfigError) as err:
+        load_config(SEARCH_SPACES / "quickstart.yaml", ["search=null"] + overrides)
+    assert hint in str(err.value)
+
+
+def test_values_on_the_step_pass_within_optunas_tolerance():
+    import optuna
+
+    cfg = load_config(SEARCH_SPACES / "quickstart.yaml", ["search=null", LR_STEP, "ant.lr=0.002"])
+    assert optuna.distributions.FloatDistribution(0.001, 0.003, step=0.001)._contains(cfg.ant.lr)
+    load_config(SEARCH_SPACES / "quickstart.yaml", ["search=null", LR_STEP, "ant.lr=0.00200000000001"])
+    load_config(SEARCH_SPACES / "quickstart.yaml", ["search=null", LR_STEP, "ant.lr=0.01"])  # outside: not enqueued
+    load_config(SEARCH_SPACES / "quickstart.yaml",  # the grid searcher never enqueues the config's value
+                ["search=null", LR_STEP, "ant.lr=0.0015", "search.ant.searcher.name=grid"])
+    load_config(SEARCH_SPACES / "quickstart.yaml",
+                ["search=null", "search.deme.space.finetune.p={type: float, low: 0.0, high: 0.8, step: 0.1}",
+                 "finetune.p=0.3"])  # 0.3 is 3 steps of 0.1 up to rounding
+
+
+MERGE_TVS = ["search=null", "search.merge.task_vectors=[a.safetensors, b.safetensors, c.safetensors]",
+             "search.merge.base_model=b", "search.merge.fidelities=[250, 500]", "search.merge.searcher.name=grid",
+             "merge_search.weight_high=1.5", "merge_search.grid_step=0.25", "merge_search.grid_fine_step=0.05"]
+
+
+def test_a_merge_grid_bigger_than_its_budget_fails_on_load():
+    with pytest.raises(ConfigError) as err:
+        load_config(SEARCH_SPACES / "quickstart.yaml", MERGE_TVS)
+    message = str(err.value)
+    assert ("search.merge.num_candidates (16) is the first rung's budget, but searcher grid scores up to 1,679 "
+            "candidates there for 3 task vectors: 5 anchors, 343 coarse points") in message
+    assert "Set search.merge.num_candidates=1679 to score the whole grid" in message
+    cfg = load_config(SEARCH_SPACES / "quickstart.yaml", MERGE_TVS + ["search.merge.num_candidates=1679"])
+    assert cfg.search.merge.num_candidates == 1679
+
+
+def test_the_merge_grid_budget_counts_the_most_task_vectors_a_chain_can_make():
+    """With deme's ranges 'ant', N is the ant winner's k: the largest k the ant space allows."""
+    chain = ["search.deme.ranges=ant", "search.merge.searcher.name=grid", "search.merge.fidelities=[250]",
+             "merge_search.weight_high=1", "merge_search.grid_step=0.5", "merge_search.grid_fine_step=0.25",
+             "search.ant.space.ant.k={type: int, low: 2, high: 4}"]
+    with pytest.raises(ConfigError, match="for 4 task vectors: 6 anchors, 81 coarse points"):
+        load_config(SEARCH_SPACES / "quickstart.yaml", chain)
+    cfg = load_config(SEARCH_SPACES / "quickstart.yaml", chain + ["search.merge.num_candidates=712"])
+    assert cfg.search.max_task_vectors(cfg.ant.k, cfg.finetune.num_specialists) == 4

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from ant_ray.cli import main as cli_main
-from ant_ray.config import ConfigError, load_config
+from ant_ray.config import ConfigError, SearcherConfig, load_config
 from ant_ray.fid import StreamingFeatureStats, extend_feature_stream
 from ant_ray.merge import anchor_weights
 from ant_ray.search.callbacks import TrialStatusPrinter
 from ant_ray.search.fidelity import Ladder, rung_sizes
-from ant_ray.search.merge_stage import anchor_points, parameter_names
+from ant_ray.search import merge_stage
+from ant_ray.search.merge_stage import (MergePlan, anchor_points, grid_coarse_points, grid_fine_points,
+                                        parameter_names, run_merge_stage)
 from ant_ray.search.searchers import FidelityAwareOptunaSearch
 from ant_ray.search.space import grid_points, optuna_space
 
@@ -132,6 +134,104 @@ def test_anchor_weights():
     points = anchor_points(2, ["down", "up"], 0.0, 1.5)
     assert points[1] == {"down.w0": 1.0, "down.w1": 0.0, "up.w0": 1.0, "up.w1": 0.0}
     assert parameter_names(2, None) == ["w0", "w1"]
+
+
+def test_the_grid_scores_the_anchors_first():
+    cfg = load_config(None, ["merge_search.weight_low=0", "merge_search.weight_high=1.5",
+                             "merge_search.grid_step=0.4", "merge_search.grid_fine_step=0.2"])
+    coarse = grid_coarse_points(3, None, cfg.merge_search)
+    # the anchors lead, the uniform mean included; with step 0.4 none of them is a point of the grid itself
+    assert [list(p.values()) for p in coarse[:5]] == anchor_weights(3, 0.0, 1.5)
+    assert len(coarse) == 5 + 4 ** 3
+    # the fine grid around the uniform mean: 1/3 + (-0.2, 0, 0.2, 0.4) on each axis (1/3 - 0.4 is outside the box),
+    # the mean itself left out (scored already)
+    fine = grid_fine_points(coarse[4], coarse, cfg.merge_search)
+    assert len(fine) == 4 ** 3 - 1 and coarse[4] not in fine
+    assert {round(p["w0"] - 1 / 3, 6) for p in fine} == {-0.2, 0.0, 0.2, 0.4}
+    # with a step that lands on them, the anchors are scored once, not twice
+    cfg = load_config(None, ["merge_search.weight_high=1.5", "merge_search.grid_step=0.25"])
+    assert len(grid_coarse_points(3, None, cfg.merge_search)) == 1 + 7 ** 3  # only the uniform mean is off-grid
+
+
+class _FakeRungs:
+    """Stands in for `merge_stage._run_rung` (one Tune run): scores every point it is given with a smooth function
+    of the weights, so the stage's planning runs without Ray."""
+
+    def __init__(self, target, fail=0):
+        self.target, self.fail, self.runs = target, fail, []
+
+    def __call__(self, setup, context, plan, stage_dir, name, rung, fidelity, metric, param_space, *, searcher=None,
+                 num_samples=1):
+        if searcher is not None:  # an Optuna rung: what the searcher would propose, anchors first
+            points = list(searcher._points_to_evaluate)
+            points += [{p: 0.1 * i for p in context.param_names} for i in range(num_samples - len(points))]
+            points = points[:num_samples - self.fail]  # as if `fail` candidates crashed
+        else:
+            points = param_space["point"]["grid_search"]
+        self.runs.append((name, points))
+        below = plan.fidelities[rung - 1] if rung else 0
+        return [{"candidate": ",".join(f"{v:.10g}" for v in p.values()), "params": p, "images": fidelity - below,
+                 "fid": sum((p[k] - t) ** 2 for k, t in zip(context.param_names, self.target)) + 1 / fidelity,
+                 "trial_id": None} for p in points]
+
+
+def _merge_stage_setup(tmp_path, overrides):
+    cfg = load_config(None, [f"output_dir={tmp_path}", "fid.batch_size=250"] + overrides)
+    lines = []
+    setup = SimpleNamespace(cfg=cfg, search_dir=tmp_path, tracking_uri="sqlite://", experiment_id="0",
+                            stage_run=SimpleNamespace(run_id="stage"), study_name="units", resume=False,
+                            log=lines.append)
+    return cfg, setup, lines
+
+
+def test_the_grid_promotes_a_third_of_what_it_scored(tmp_path, monkeypatch):
+    """Issue 19: N = 3, box [0, 1.5], steps 0.25 / 0.05, fidelities [250, 500], eta 3. Rung 1 continues
+    ceil(scored / 3) of rung 0's candidates (it used to be ceil(num_candidates / 3) = 6 of 1,647)."""
+    box = ["merge_search.weight_low=0", "merge_search.weight_high=1.5", "merge_search.grid_step=0.25",
+           "merge_search.grid_fine_step=0.05"]
+    cfg, setup, lines = _merge_stage_setup(tmp_path, box)
+    rungs = _FakeRungs(target=(0.6, 0.35, 0.9))
+    monkeypatch.setattr(merge_stage, "_run_rung", rungs)
+    plan = MergePlan(fidelities=[250, 500], num_candidates=16, reduction_factor=3,
+                     searcher=SearcherConfig(name="grid"), max_concurrent=2, cpu=1, gpu=0)
+    outcome = run_merge_stage(setup, base_model=tmp_path, task_vectors=[tmp_path / f"tv{i}" for i in range(3)],
+                              plan=plan, merge=cfg.merge_search)
+    (coarse_name, coarse), (fine_name, fine), (rung1_name, rung1) = rungs.runs
+    assert (coarse_name, fine_name, rung1_name) == ("rung0-coarse", "rung0-fine", "rung1")
+    assert [list(p.values()) for p in coarse[:5]] == anchor_weights(3, 0.0, 1.5)  # the anchors first
+    scored = len(coarse) + len(fine)
+    assert scored > 1000 and len(rung1) == math.ceil(scored / 3)
+    assert outcome.extra["rung_sizes"] == [scored, math.ceil(scored / 3)]
+    assert lines[0].startswith("merge stage: 3 task vectors, candidates per rung at most [1679, 560] at [250, 500]")
+    assert f"merge stage: candidates per rung [{scored}, {math.ceil(scored / 3)}] at [250, 500] samples" in lines
+    assert outcome.winner["weights"] == [0.6, 0.35, 0.9]
+
+
+def test_the_uniform_mean_can_win_the_grid(tmp_path, monkeypatch):
+    """An anchor off the grid is scored too, so the grid cannot miss the uniform mean (1/N, ..., 1/N)."""
+    cfg, setup, _ = _merge_stage_setup(tmp_path, ["merge_search.weight_low=0", "merge_search.weight_high=1.5",
+                                                  "merge_search.grid_step=0.25", "merge_search.grid_fine_step=0.05"])
+    monkeypatch.setattr(merge_stage, "_run_rung", _FakeRungs(target=(1 / 3, 1 / 3, 1 / 3)))
+    plan = MergePlan(fidelities=[250], num_candidates=1, reduction_factor=3, searcher=SearcherConfig(name="grid"),
+                     max_concurrent=2, cpu=1, gpu=0)
+    outcome = run_merge_stage(setup, base_model=tmp_path, task_vectors=[tmp_path / f"tv{i}" for i in range(3)],
+                              plan=plan, merge=cfg.merge_search)
+    assert outcome.winner["weights"] == [1 / 3] * 3
+
+
+def test_optuna_rungs_promote_a_third_of_what_was_scored(tmp_path, monkeypatch):
+    """Two of 16 candidates crashed: rung 1 continues ceil(14 / 3) = 5, and the log says so."""
+    cfg, setup, lines = _merge_stage_setup(tmp_path, [])
+    rungs = _FakeRungs(target=(0.8, 0.2), fail=2)
+    monkeypatch.setattr(merge_stage, "_run_rung", rungs)
+    plan = MergePlan(fidelities=[250, 500, 1000], num_candidates=16, reduction_factor=3,
+                     searcher=SearcherConfig(name="tpe", seed=0), max_concurrent=2, cpu=1, gpu=0)
+    run_merge_stage(setup, base_model=tmp_path, task_vectors=[tmp_path / "tv0", tmp_path / "tv1"], plan=plan,
+                    merge=cfg.merge_search)
+    assert [len(points) for _, points in rungs.runs] == [14, 5, 2]
+    assert [list(p.values()) for p in rungs.runs[0][1][:4]] == anchor_weights(2, 0.0, 1.5)
+    assert lines[0].startswith("merge stage: 2 task vectors, candidates per rung [16, 6, 2] at [250, 500, 1000]")
+    assert "merge stage: candidates per rung [14, 5, 2] at [250, 500, 1000] samples" in lines
 
 
 # ------------------------------------------------------------------------------------------------ the searcher

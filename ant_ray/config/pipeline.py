@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from pathlib import Path
@@ -123,6 +124,7 @@ def _check_search(cfg: PipelineConfig) -> None:
                 except ValidationError as err:
                     reason = err.errors()[0]["msg"].removeprefix("Value error, ")
                     raise ValueError(f"{where}: the value {value!r} is not valid for {key}: {reason}") from None
+            settings.check_first_value(f"search.{stage}", key, functools.reduce(getattr, key.split("."), cfg))
         steps = getattr(cfg, section).steps
         if settings.eval_every is not None:
             if f"{section}.steps" in settings.space:
@@ -152,6 +154,7 @@ def _check_search(cfg: PipelineConfig) -> None:
         if merge.task_vectors is None and deme is None:
             raise ValueError("search.merge.task_vectors: nothing to merge; list task vector files (with "
                              "search.merge.base_model) or add a search.deme stage")
+        merge.check_grid_budget(search.max_task_vectors(cfg.ant.k, cfg.finetune.num_specialists), cfg.merge_search)
         # A candidate's sample stream goes on from one fidelity to the next in whole batches of fid.batch_size, the
         # batches every stage samples in: so one model scored on n samples gets one score in every stage.
         batch = cfg.fid.batch_size

@@ -26,13 +26,15 @@ distribution can take is checked against that field's own validation when the co
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import Field, model_validator
 
-from ant_ray.config.sections import Section
+from ant_ray.config.sections import MergeSearchConfig, Section
 
 STAGES = ("ant", "deme", "merge")  # the chain order
+STEP_TOLERANCE = 1e-8  # in steps: Optuna's FloatDistribution accepts a value this close to its grid
 STAGE_SECTION = {"ant": "ant", "deme": "finetune"}  # the config section a stage's space may change
 # Fields a trial may not change: they are fixed per stage (affinity is measured once), or declared, not searched.
 UNSEARCHABLE = {"ant": ("ant.affinity", "ant.init_model", "ant.resources", "ant.checkpoint_every", "ant.log_every"),
@@ -63,6 +65,14 @@ class IntParam(Section):
     def grid(self) -> list[Any] | None:
         return list(range(self.low, self.high + 1, self.step))
 
+    def on_step(self, value: int) -> bool:
+        return (value - self.low) % self.step == 0
+
+    def neighbours(self, value: int) -> tuple[int, int]:
+        """The two grid values around ``value``."""
+        below = self.low + (value - self.low) // self.step * self.step
+        return below, below + self.step
+
 
 class FloatParam(Section):
     type: Literal["float"]
@@ -77,7 +87,25 @@ class FloatParam(Section):
             raise ValueError(f"low ({self.low}) must be < high ({self.high})")
         if self.log and (self.low <= 0 or self.step is not None):
             raise ValueError("log: true needs low > 0 and no step")
+        # Optuna would silently move high down to the last whole step (with a warning): say so here instead
+        if self.step is not None and not self.on_step(self.high):
+            below, above = self.neighbours(self.high)
+            raise ValueError(f"high - low ({self.high - self.low:g}) must be a multiple of step ({self.step:g}): "
+                             f"set high to {below:g} or {above:g}")
         return self
+
+    def on_step(self, value: float) -> bool:
+        """Whether ``value`` is low + a whole number of steps, within Optuna's own tolerance (so that Optuna
+        accepts every value this accepts)."""
+        if self.step is None:
+            return True
+        k = (value - self.low) / self.step
+        return abs(k - round(k)) < STEP_TOLERANCE
+
+    def neighbours(self, value: float) -> tuple[float, float]:
+        """The two grid values around ``value`` (step set)."""
+        k = math.floor((value - self.low) / self.step)
+        return round(self.low + k * self.step, 12), round(self.low + (k + 1) * self.step, 12)
 
     def extremes(self) -> list[Any]:
         return [self.low, self.high]
@@ -168,6 +196,19 @@ class TrainingStageSearch(Section):
     def grid_size(self) -> int:
         return math.prod(len(v.grid() or []) for v in self.space.values()) if self.space else 1
 
+    def check_first_value(self, where: str, key: str, value: Any) -> None:
+        """An Optuna searcher tries the config's own values first when they lie inside the space; such a value must
+        then lie on the space's step too, or the first trial would be a value the space cannot take (Optuna only
+        warns). ``value`` is the config's value of ``key``; ``where`` names the stage (search.ant)."""
+        dist = self.space[key]
+        if (self.searcher.name == "grid" or isinstance(dist, CategoricalParam) or isinstance(value, bool)
+                or not isinstance(value, (int, float)) or not dist.low <= value <= dist.high or dist.on_step(value)):
+            return
+        below, above = dist.neighbours(value)
+        raise ValueError(f"{where}.space[{key}]: the config's {key} ({value:g}) is tried first, but it is off the "
+                         f"space's step ({dist.step:g} from {dist.low:g}): set {key} to {below:g} or {above:g}, or "
+                         f"change {where}.space[{key}].step")
+
     def trial_count(self) -> int:
         if self.searcher.name == "grid" or not self.space:
             return self.grid_size()
@@ -209,6 +250,27 @@ class MergeStageSearch(Section):
             raise ValueError("task_vectors must list at least one .safetensors file")
         return self
 
+    def check_grid_budget(self, task_vectors: int, merge_search: MergeSearchConfig) -> None:
+        """num_candidates is the first rung's budget for every searcher. The grid scores its whole grid there (the
+        anchors, the coarse grid, then a fine grid around the best): a grid that may exceed the budget fails here,
+        with its size, rather than generating far more images than the config says. ``task_vectors``: the most
+        task vectors this config can merge."""
+        if self.searcher.name != "grid":
+            return
+        groups = len(merge_search.layer_groups) if merge_search.layer_groups else 1
+        size = merge_grid_size(task_vectors, groups, merge_search)
+        if size.total <= self.num_candidates:
+            return
+        weights = f"{task_vectors} task vectors" + (f" x {groups} layer groups" if groups > 1 else "")
+        raise ValueError(
+            f"search.merge.num_candidates ({self.num_candidates}) is the first rung's budget, but searcher grid scores "
+            f"up to {size.total:,} candidates there for {weights}: {size.anchors} anchors, {size.coarse:,} coarse "
+            f"points (merge_search.grid_step {merge_search.grid_step:g} over [{merge_search.weight_low:g}, "
+            f"{merge_search.weight_high:g}]) and up to {size.fine:,} fine ones (merge_search.grid_fine_step "
+            f"{merge_search.grid_fine_step:g}), {size.total * self.fidelities[0]:,} images at {self.fidelities[0]} "
+            f"samples each. Set search.merge.num_candidates={size.total} to score the whole grid, make the grid "
+            "coarser (merge_search.grid_step, grid_fine_step), or use searcher tpe")
+
 
 class FinalScoreConfig(Section):
     """The winner is re-scored at this fidelity once per sampling seed: mean and 95% interval."""
@@ -224,3 +286,45 @@ class SearchConfig(Section):
 
     def stages(self) -> list[str]:
         return [s for s in STAGES if getattr(self, s) is not None]
+
+    def max_task_vectors(self, ant_k: int, num_specialists: int) -> int:
+        """The most task vectors the merge stage can receive: its own list, else one per deme specialist (N = the
+        ant winner's k with ranges 'ant'), taking the largest value a searched N or k can take. ``ant_k`` and
+        ``num_specialists`` are the config's own ant.k and finetune.num_specialists."""
+        if self.merge is not None and self.merge.task_vectors is not None:
+            return len(self.merge.task_vectors)
+        stage, key, value = ("ant", "ant.k", ant_k) if self.deme is not None and self.deme.ranges == "ant" else \
+            ("deme", "finetune.num_specialists", num_specialists)
+        settings = getattr(self, stage)
+        dist = settings.space.get(key) if settings is not None else None
+        if dist is None:
+            return value
+        return max(v for v in dist.extremes() if isinstance(v, int) and not isinstance(v, bool))
+
+
+def grid_axis(low: float, high: float, step: float) -> list[float]:
+    """low, low + step, ... up to high (a point within 1e-9 of a step past high is dropped)."""
+    count = int(math.floor((high - low) / step + 1e-9)) + 1
+    return [round(low + i * step, 10) for i in range(count)]
+
+
+@dataclass(frozen=True)
+class MergeGridSize:
+    anchors: int  # at most N + 2: task arithmetic, each specialist alone, the uniform mean
+    coarse: int  # the coarse grid: (points per axis) ^ weights
+    fine: int  # at most: the fine grid within one coarse step of the best point, on every axis
+    total: int
+
+
+def merge_grid_size(task_vectors: int, groups: int, merge_search: MergeSearchConfig) -> MergeGridSize:
+    """How many candidates the merge grid scores at most (DeMe Sec. 8's coarse-then-fine grid, anchors first),
+    for ``task_vectors`` weights per layer group. The fine grid's true size depends on where the coarse optimum
+    lies (its axes are cut at the box), so this is an upper bound; duplicates are not subtracted."""
+    ms = merge_search
+    weights = task_vectors * groups
+    coarse = len(grid_axis(ms.weight_low, ms.weight_high, ms.grid_step)) ** weights
+    # the fine axis: up to one coarse step either side of the best point, in whole fine steps, inside the box
+    fine_axis = min(2 * int(ms.grid_step / ms.grid_fine_step + 1e-9) + 1,
+                    len(grid_axis(ms.weight_low, ms.weight_high, ms.grid_fine_step)))
+    anchors = 1 if task_vectors == 1 else task_vectors + 2
+    return MergeGridSize(anchors, coarse, fine_axis ** weights, anchors + coarse + fine_axis ** weights)

@@ -1,8 +1,9 @@
 """The merge stage: DeMe's merge weights (Eq. 8) by successive halving over the FID sample count.
 
-Rung 0 scores `num_candidates` weight vectors at the lowest fidelity: first the anchors (task arithmetic, each
-specialist alone, the uniform mean), then what the searcher proposes (Optuna TPE / CMA-ES / random, seeded), or
-DeMe's coarse-then-fine grid. Each later rung re-scores the best 1/eta of the rung below at the next fidelity,
+Rung 0 scores weight vectors at the lowest fidelity, the anchors (task arithmetic, each specialist alone, the
+uniform mean) first on every searcher: then `num_candidates` in all with Optuna (TPE / CMA-ES / random, seeded),
+or DeMe's coarse grid and a fine grid around its best (the whole grid; the config's check keeps it within
+`num_candidates`). Each later rung re-scores the best ceil(scored / eta) of the rung below at the next fidelity,
 continuing every candidate's sample stream (so reaching 5K samples costs 5K images, not 1K + 2.5K + 5K). A
 candidate is only ever ranked against scores at the same sample count (`fidelity.Ladder`), and the searcher only
 sees rung-0 scores under rung 0's own metric name.
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +24,8 @@ import optuna
 import pandas as pd
 from ray import tune
 
-from ant_ray.config import MergeSearchConfig, SearcherConfig
+from ant_ray.config import MergeSearchConfig, MergeStageSearch, SearcherConfig
+from ant_ray.config.search import grid_axis, merge_grid_size
 from ant_ray.evaluation import metric_name
 from ant_ray.files import publish_text
 from ant_ray.merge import anchor_weights, load_task_vector
@@ -39,7 +40,9 @@ from ant_ray.search.tune_runs import StageSetup, run_tune
 
 @dataclass
 class MergePlan:
-    """How to search: the fidelities (samples per FID, increasing), candidates at rung 0, eta, the searcher."""
+    """How to search: the fidelities (samples per FID, increasing), candidates at rung 0, eta, the searcher.
+    ``num_candidates`` is rung 0's size for the Optuna searchers; the grid scores its whole grid (a search's config
+    checks that it fits num_candidates when it loads; see MergeStageSearch.check_grid_budget)."""
     fidelities: list[int]
     num_candidates: int
     reduction_factor: float
@@ -51,6 +54,14 @@ class MergePlan:
     # Tune runs every candidate in the same few processes, which keep the scorer, model and merger loaded
     # (trials.py caches them per process): a fresh process per trial re-imports torch, diffusers and mlflow first.
     reuse_actors: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: MergeStageSearch) -> "MergePlan":
+        """The plan of a validated `search.merge` section (the search and the benchmarks build it alike)."""
+        return cls(fidelities=list(settings.fidelities), num_candidates=settings.num_candidates,
+                   reduction_factor=settings.reduction_factor, searcher=settings.searcher,
+                   max_concurrent=settings.max_concurrent, cpu=settings.resources.cpu, gpu=settings.resources.gpu,
+                   trial_max_failures=settings.trial_max_failures)
 
 
 def parameter_names(n: int, groups: list[str] | None) -> list[str]:
@@ -65,9 +76,49 @@ def anchor_points(n: int, groups: list[str] | None, low: float, high: float) -> 
     return [dict(zip(names, weights * (len(groups) if groups else 1))) for weights in anchor_weights(n, low, high)]
 
 
-def grid_axis(low: float, high: float, step: float) -> list[float]:
-    count = int(math.floor((high - low) / step + 1e-9)) + 1
-    return [round(low + i * step, 10) for i in range(count)]
+def _point_key(point: dict[str, float], names: list[str]) -> tuple[float, ...]:
+    return tuple(round(point[p], 10) for p in names)  # grid values are rounded to 10 places (grid_axis)
+
+
+def grid_coarse_points(n: int, groups: list[str] | None, merge: MergeSearchConfig) -> list[dict[str, float]]:
+    """Rung 0's first grid run: the anchors, then every point of the coarse grid that is not one of them (DeMe
+    Sec. 8's grid alone may miss the uniform mean and, with a step that does not divide 1, every other anchor)."""
+    names = parameter_names(n, groups)
+    points = anchor_points(n, groups, merge.weight_low, merge.weight_high)
+    seen = {_point_key(p, names) for p in points}
+    axis = grid_axis(merge.weight_low, merge.weight_high, merge.grid_step)
+    for values in itertools.product(axis, repeat=len(names)):
+        point = dict(zip(names, values))
+        if _point_key(point, names) not in seen:
+            points.append(point)
+    return points
+
+
+def _fine_axis(centre: float, merge: MergeSearchConfig) -> list[float]:
+    reach = int(merge.grid_step / merge.grid_fine_step + 1e-9)  # whole fine steps within one coarse step
+    values = (round(centre + i * merge.grid_fine_step, 10) for i in range(-reach, reach + 1))
+    low, high = merge.weight_low, merge.weight_high
+    return [min(max(v, low), high) for v in values if low - 1e-9 <= v <= high + 1e-9]
+
+
+def grid_fine_points(best: dict[str, float], scored: list[dict[str, float]],
+                     merge: MergeSearchConfig) -> list[dict[str, float]]:
+    """The fine grid (step grid_fine_step) within one coarse step of ``best`` on every axis, centred on it (an
+    anchor may lie off the coarse grid) and cut at the box, without the points already scored."""
+    names = list(best)
+    axes = [_fine_axis(best[p], merge) for p in names]
+    seen = {_point_key(p, names) for p in scored}
+    return [point for values in itertools.product(*axes)
+            if _point_key(point := dict(zip(names, values)), names) not in seen]
+
+
+def planned_rung_sizes(plan: MergePlan, n: int, groups: list[str] | None, merge: MergeSearchConfig) -> list[int]:
+    """Candidates per rung before anything is scored: num_candidates (Optuna) or the grid's bound at rung 0, then
+    ceil(rung below / eta). The sizes a run uses come from what rung 0 really scored (`rung_sizes` of that)."""
+    first = plan.num_candidates
+    if plan.searcher.name == "grid":
+        first = merge_grid_size(n, len(groups) if groups else 1, merge).total
+    return rung_sizes(first, len(plan.fidelities), plan.reduction_factor)
 
 
 def _count(n: int, noun: str) -> str:
@@ -103,9 +154,12 @@ def run_merge_stage(setup: StageSetup, *, base_model: Path, task_vectors: list[P
     params_of: dict[str, dict[str, float]] = {}
     rows: list[dict[str, Any]] = []
     images = 0
-    sizes = rung_sizes(plan.num_candidates, len(plan.fidelities), plan.reduction_factor)
-    setup.log(f"merge stage: {len(task_vectors)} task vectors, candidates per rung {sizes} at "
-              f"{plan.fidelities} samples ({plan.searcher.name} searcher, anchors first)")
+    planned = planned_rung_sizes(plan, len(task_vectors), groups, merge)
+    grid = plan.searcher.name == "grid"
+    setup.log(f"merge stage: {len(task_vectors)} task vectors, candidates per rung {'at most ' if grid else ''}"
+              f"{planned} at {plan.fidelities} samples ({plan.searcher.name} searcher, anchors first"
+              f"{'; the fine grid follows the coarse optimum' if grid else ''})")
+    sizes = planned
 
     for rung, fidelity in enumerate(plan.fidelities):
         saved = stage_dir / f"rung_{rung}.json"
@@ -130,6 +184,12 @@ def run_merge_stage(setup: StageSetup, *, base_model: Path, task_vectors: list[P
                          **trial["params"], "fid": trial["fid"], "metric": metric})
         setup.log(f"merge rung {rung}: {_count(len(done['trials']), 'candidate')} at {fidelity} samples, best {metric} "
                   f"{min(t['fid'] for t in done['trials']):.3f}")
+        if rung == 0:
+            # every later rung continues ceil(scored / eta) of the rung below: what rung 0 really scored (the grid's
+            # true size, or fewer candidates when some failed), not what was planned
+            sizes = rung_sizes(len(done["trials"]), len(plan.fidelities), plan.reduction_factor)
+            if sizes != planned:
+                setup.log(f"merge stage: candidates per rung {sizes} at {plan.fidelities} samples")
 
     winner, fidelity, score = ladder.best()
     table = pd.DataFrame(rows)
@@ -148,15 +208,11 @@ def run_merge_stage(setup: StageSetup, *, base_model: Path, task_vectors: list[P
 def _first_rung(setup, context, plan, merge, names, fidelity, metric, stage_dir, groups) -> list[dict]:
     n = len(context.task_vectors)
     if plan.searcher.name == "grid":
-        # DeMe Sec. 8: a coarse grid, then a finer grid within one coarse step of the coarse optimum.
-        axis = grid_axis(merge.weight_low, merge.weight_high, merge.grid_step)
+        # DeMe Sec. 8: a coarse grid (the anchors first), then a finer grid within one coarse step of the best so far.
         coarse = _run_rung(setup, context, plan, stage_dir, "rung0-coarse", 0, fidelity, metric,
-                           {p: tune.grid_search(axis) for p in names})
+                           grid_param_space(grid_coarse_points(n, groups, merge)))
         best = min(coarse, key=lambda t: t["fid"])["params"]
-        axes = [grid_axis(max(merge.weight_low, best[p] - merge.grid_step),
-                          min(merge.weight_high, best[p] + merge.grid_step), merge.grid_fine_step) for p in names]
-        scored = [t["params"] for t in coarse]
-        fine = [point for values in itertools.product(*axes) if (point := dict(zip(names, values))) not in scored]
+        fine = grid_fine_points({p: best[p] for p in names}, [t["params"] for t in coarse], merge)
         return coarse + (_run_rung(setup, context, plan, stage_dir, "rung0-fine", 0, fidelity, metric,
                                    grid_param_space(fine)) if fine else [])
     space = {p: optuna.distributions.FloatDistribution(merge.weight_low, merge.weight_high) for p in names}
