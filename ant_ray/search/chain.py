@@ -280,11 +280,8 @@ def _merge(cfg: PipelineConfig, setup: StageSetup, deme: StageOutcome | None) ->
         base, task_vectors = Path(deme.winner["base_model"]), [Path(p) for p in deme.winner["task_vectors"]]
     else:
         base, task_vectors = Path(settings.base_model), [Path(p) for p in settings.task_vectors]
-    plan = MergePlan(fidelities=settings.fidelities, num_candidates=settings.num_candidates,
-                     reduction_factor=settings.reduction_factor, searcher=settings.searcher,
-                     max_concurrent=settings.max_concurrent, cpu=settings.resources.cpu, gpu=settings.resources.gpu,
-                     trial_max_failures=settings.trial_max_failures)
-    return run_merge_stage(setup, base_model=base, task_vectors=task_vectors, plan=plan, merge=cfg.merge_search)
+    return run_merge_stage(setup, base_model=base, task_vectors=task_vectors, plan=MergePlan.from_settings(settings),
+                           merge=cfg.merge_search)
 
 
 def _finished_result(cfg: PipelineConfig, search_dir: Path, state: dict) -> SearchResult:
