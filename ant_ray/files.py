@@ -44,8 +44,65 @@ class CorruptFileError(ValueError):
 
     def __init__(self, path: str | os.PathLike, problem: str, fix: str = DEFAULT_FIX):
         self.path = Path(path)
+        self.problem, self.fix = problem, fix
         one_line = " ".join(f"{self.path} {problem}; {fix}".split())  # parsers' messages may span lines
         super().__init__(one_line)
+
+    def __reduce__(self):
+        # copy and pickle (Ray moves exceptions between processes) rebuild it from these, not from its message
+        return type(self), (self.path, self.problem, self.fix), self.__dict__
+
+
+class DiskFull(OSError):
+    """The disk filled while an output was written. The message is one line: the output, the free space on its
+    filesystem, what it needed, and the fix. Nothing of the output was published (its temporary was removed)."""
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+# Writers that are not Python's own I/O (safetensors' Rust, torch's C++) report a full disk only in their text
+_DISK_FULL_TEXT = ("No space left on device", "StorageFull", "Disk quota exceeded")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) is a full disk or an exceeded quota."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, DiskFull) or (isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS):
+            return True
+        if any(text in str(error) for text in _DISK_FULL_TEXT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _size(path: Path) -> int:
+    if path.is_symlink() or not path.exists():
+        return 0
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def _megabytes(size: int) -> str:
+    return f"{size / 2 ** 20:.1f} MB"
+
+
+def disk_full_error(final: Path, previous: int) -> DiskFull:
+    """The one-line DiskFull for an output at `final` whose temporary was removed after the disk filled;
+    `previous` is the size of the version it was replacing (0 if none). What is free now (the temporary gone) is
+    a lower bound of what the output needs: it did not fit in that plus what it had written."""
+    existing = final.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    mount = existing
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    hint = f" (the version it replaces took {_megabytes(previous)})" if previous else ""
+    return DiskFull(f"no space left on device writing {final}: it needs more than the {_megabytes(free)} free on "
+                    f"{mount}{hint}; free space there (or use another output_dir) and continue with --resume "
+                    "(nothing half-written was kept)")
 
 
 # ----------------------------------------------------------------------------------------------------- writing
@@ -65,8 +122,10 @@ def publishing_file(final: str | os.PathLike) -> Iterator[Path]:
         _fsync_path(temporary)
         os.replace(temporary, final)
         _fsync_path(final.parent)
-    except BaseException:
+    except BaseException as error:
         temporary.unlink(missing_ok=True)
+        if is_disk_full(error) and not isinstance(error, DiskFull):
+            raise disk_full_error(final, _size(final)) from error
         raise
 
 
@@ -92,8 +151,10 @@ def publishing_folder(final: str | os.PathLike) -> Iterator[Path]:
         _fsync_path(temporary)
         _replace_folder(temporary, final)
         _fsync_path(final.parent)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(temporary, ignore_errors=True)
+        if is_disk_full(error) and not isinstance(error, DiskFull):
+            raise disk_full_error(final, _size(final)) from error
         raise
 
 

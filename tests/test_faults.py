@@ -9,8 +9,10 @@
   (Train's FailureConfig) and ends with exactly the weights of an uninterrupted run.
 """
 
+import copy
 import math
 import os
+import pickle
 import shutil
 import signal
 import socket
@@ -25,18 +27,25 @@ import pytest
 import ray
 import torch
 from mlflow.tracking import MlflowClient
+from ray import cloudpickle
 from ray.cluster_utils import Cluster
+from ray.exceptions import RayTaskError
 from ray.util.state import list_actors
 
 from ant_ray.cli import _print_table, main
-from ant_ray.config import load_config
+from ant_ray.config import ConfigError, load_config
+from ant_ray.data import DatasetError, DatasetNotFoundError
 from ant_ray.deme.finetune import train_diffusion
 from ant_ray.diffusion import build_model, load_model, save_model
+from ant_ray.files import CorruptFileError, DiskFull
 from ant_ray.fid import InceptionUnavailable
 from ant_ray.search.chain import run_search
+from ant_ray.search.outcome import SearchStageFailed
 from ant_ray.search.searchers import journal_storage
 from ant_ray.stages.ray_runtime import start_ray
-from ant_ray.stages.ray_train import fit
+from ant_ray.stages.ray_train import TrainingRunFailed, failure_cause, fit
+from ant_ray.tracking import TrackingUnreachable
+from ant_ray.training import TrainingDiverged
 
 SEARCH_SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train writes it once a reported checkpoint is registered
@@ -61,6 +70,55 @@ def test_bad_command_line_input_is_one_line_with_status_2(tmp_path, capsys):
         "'0,200;oops'",
         "error: Inception weights are not available at /tmp/inception-2015-12-05.pt (...). Pre-stage the file on "
         "every node"]
+
+
+# ------------------------------------------------------------------------------------------------ exceptions
+
+
+def _every_exception() -> list:
+    """One instance of each of ant_ray's exception classes, built as the code raises it."""
+    return [ConfigError("ant.k: Input should be greater than or equal to 1"),
+            TrainingDiverged("ant diverged: the loss is nan at step 7; lower ant.lr"),
+            TrainingRunFailed("ant-1", "ant diverged: the loss is nan at step 7", diverged=True),
+            TrainingRunFailed("ant-2", "no space left on device writing /x", False, fault="disk_full"),
+            SearchStageFailed("no trial of the ant stage finished"),
+            CorruptFileError("/runs/model.safetensors", "is truncated (5 bytes)", "delete it and re-run the ant stage"),
+            DiskFull("no space left on device writing /runs/ckpt: 0.0 MB free on /runs, it needs at least 1.0 MB"),
+            DatasetError("dataset 'cifar10' at '/x': not a CIFAR-10 archive"),
+            DatasetNotFoundError("dataset 'image-folder' at '/nope': path does not exist"),
+            TrackingUnreachable("cannot reach the MLflow tracking server http://127.0.0.1:9 within 5 s"),
+            InceptionUnavailable("Inception weights are not available at /tmp/inception-2015-12-05.pt")]
+
+
+@pytest.mark.parametrize("error", _every_exception(), ids=lambda e: type(e).__name__)
+def test_every_exception_survives_copy_and_pickle(error):
+    """Ray copies and pickles an exception raised in a worker or trial; one that cannot be rebuilt becomes a
+    TypeError that hides its cause."""
+    for copied in (copy.copy(error), pickle.loads(pickle.dumps(error)), cloudpickle.loads(cloudpickle.dumps(error))):
+        assert type(copied) is type(error) and str(copied) == str(error)
+        assert vars(copied) == vars(error)
+    # as Ray raises it on the driver: an instance of both RayTaskError and the worker's class
+    raised = RayTaskError("train_fn", "Traceback ...", error).as_instanceof_cause()
+    assert isinstance(raised, type(error))
+    assert str(cloudpickle.loads(cloudpickle.dumps(raised)).cause) == str(error)
+
+
+def test_a_failed_run_reports_its_cause_in_one_line():
+    """The worker's own error, not Ray's wrapper or traceback; a full disk or a damaged file is marked as a fault
+    outside the trial's configuration (the search stops, and a --resume retries the trial)."""
+    full_disk = ("safetensors_rust.SafetensorError: Error while serializing: IoError(Os { code: 28, kind: "
+                 "StorageFull, message: \"No space left on device\" })")
+    in_worker = RayTaskError("train_fn", f"Traceback (most recent call last):\n  File \"x.py\", line 1\n{full_disk}",
+                             RuntimeError(full_disk)).as_instanceof_cause()
+    reason, diverged, fault = failure_cause(in_worker)
+    assert (fault, diverged) == ("disk_full", False) and "\n" not in reason and "No space left on device" in reason
+    damaged = CorruptFileError("/runs/ema/diffusion_pytorch_model.safetensors", "is truncated (9 bytes)",
+                               "delete it and re-run the ant stage")
+    assert failure_cause(RayTaskError("f", "tb", damaged).as_instanceof_cause()) == (str(damaged), False,
+                                                                                     "damaged_file")
+    nested = TrainingRunFailed("deme-1", "ant diverged: the loss is nan at step 3", diverged=True)
+    assert failure_cause(RayTaskError("f", "tb", nested).as_instanceof_cause()) == (nested.reason, True, "")
+    assert failure_cause(ValueError("Traceback:\n  File y\nKeyError: 'w3'"))[0] == "KeyError: 'w3'"
 
 
 # ------------------------------------------------------------------------------------------------ the cluster

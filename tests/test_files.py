@@ -358,3 +358,46 @@ def test_runs_sharing_an_output_dir_build_a_cache_entry_once(tmp_path):
     assert sorted(log.read_text().split()) == ["built", "reused"]
     assert (entry / "weights").read_text() == "whole"
     assert [p.name for p in entry.parent.iterdir()] == ["key"]  # no temporary folder left beside it
+
+
+# ----------------------------------------------------------------------------------------------------- full disk
+def _fills_the_disk(after: int):
+    """A writer that writes `after` bytes, then fails as a full disk does (Python's own I/O: OSError ENOSPC).
+    (A real full disk, a 2 MB tmpfs, gives the same: checked by hand, as mounting needs root.)"""
+    def write(path: Path) -> None:
+        path.write_bytes(b"x" * after)
+        raise OSError(28, "No space left on device")
+    return write
+
+
+def test_a_full_disk_is_one_line_naming_the_output_and_the_space_it_needs(tmp_path):
+    final = tmp_path / "record.json"
+    final.write_bytes(b"y" * 3 * 2 ** 20)  # the version being replaced: the best guess of the size needed
+    with pytest.raises(files.DiskFull) as error, publishing_file(final) as temporary:
+        _fills_the_disk(2 ** 20)(temporary)
+    message = str(error.value)
+    assert "\n" not in message and message.startswith(f"no space left on device writing {final}: ")
+    assert " MB free on /" in message and "it needs more than the " in message
+    assert "(the version it replaces took 3.0 MB)" in message
+    assert "--resume" in message
+    assert final.read_bytes() == b"y" * 3 * 2 ** 20 and visible_entries(tmp_path) == ["record.json"]
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]  # nothing half-written is left
+
+    # safetensors (Rust) says it only in its text; a folder output reports what it had written
+    def save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"z" * 2 ** 20)
+        raise safetensors.SafetensorError('Error while serializing: IoError(Os { code: 28, kind: StorageFull, '
+                                          'message: "No space left on device" })')
+
+    folder = tmp_path / "checkpoint"
+    with pytest.raises(files.DiskFull, match=r"writing .*checkpoint: it needs more than the .* MB free on "
+                                             r"/.*; free space there"), publishing_folder(folder) as temp:
+        save_file({}, temp / "model.safetensors")
+    assert not folder.exists() and visible_entries(tmp_path) == ["record.json"]
+
+
+def test_other_write_errors_are_not_called_a_full_disk(tmp_path):
+    with pytest.raises(PermissionError), publishing_file(tmp_path / "a.json"):
+        raise PermissionError(13, "Permission denied")
+    assert not files.is_disk_full(OSError(5, "Input/output error"))
+    assert files.is_disk_full(RuntimeError("write failed")) is False

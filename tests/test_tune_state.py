@@ -7,9 +7,15 @@ import pickle
 import sys
 from pathlib import Path
 
+import optuna
 import pytest
+from optuna.distributions import IntDistribution
 from ray import cloudpickle, tune
 
+from ant_ray.config import SearcherConfig
+from ant_ray.files import DiskFull
+from ant_ray.search.outcome import SearchStageFailed
+from ant_ray.search.searchers import build_optuna_search, journal_storage
 from ant_ray.search.tune_runs import run_tune
 from ant_ray.search.tune_state import is_whole, state_copy_path
 from conftest import shared_ray
@@ -100,3 +106,47 @@ def test_whole_and_torn_files_are_told_apart(tmp_path):
     assert is_whole(state)
     state.write_text(text[:-1])
     assert not is_whole(state)
+
+
+def _fails_while_the_disk_is_full(config, folder):
+    if config["x"] == 2 and (Path(folder) / "disk-full").exists():
+        raise DiskFull(f"no space left on device writing {folder}/model: 0.0 MB free on /, it needs at least 1.0 MB")
+    tune.report({"score": config["x"] * 2.0, "step": 1})
+
+
+def test_a_failed_trial_stops_the_stage_in_one_line_and_a_resume_retries_it(tmp_path):
+    """A trial that failed for a cause outside its configuration (a full disk) stops the stage with that cause in
+    one line; once the cause is gone a resume runs it again, and Optuna keeps the failed attempt beside the retry's
+    score."""
+    (tmp_path / "disk-full").touch()
+    journal = tmp_path / "optuna.journal"
+
+    def run(resume: bool, logged: list[str]) -> tune.ResultGrid:
+        # a restore takes Tune's own saved searcher; a new one would add its points to the study again
+        searcher = None if resume else build_optuna_search(
+            SearcherConfig(name="random"), space={"x": IntDistribution(1, 2)}, metric="score", seed=0,
+            points_to_evaluate=[{"x": 1}, {"x": 2}], storage_path=journal, study_name="toy", final_step=1)
+        return run_tune(tune.with_parameters(_fails_while_the_disk_is_full, folder=str(tmp_path)), name="tune",
+                        storage=tmp_path, resume=resume, param_space=None,
+                        tune_config=tune.TuneConfig(search_alg=searcher, num_samples=2, max_concurrent_trials=2),
+                        run_config=tune.RunConfig(name="tune", storage_path=str(tmp_path), verbose=0),
+                        label="toy stage", log=logged.append)
+
+    logged: list[str] = []
+    with pytest.raises(SearchStageFailed) as failed:
+        run(resume=False, logged=logged)
+    assert str(failed.value) == (f"toy stage: no space left on device writing {tmp_path}/model: 0.0 MB free on /, "
+                                 "it needs at least 1.0 MB")
+    assert [line for line in logged if " failed: " in line] == [
+        line for line in logged if line.startswith("toy stage: trial ") and "no space left on device" in line]
+    study = optuna.load_study(study_name="toy", storage=journal_storage(journal))
+    assert sorted((t.params["x"], t.state.name) for t in study.trials) == [(1, "COMPLETE"), (2, "FAIL")]
+
+    (tmp_path / "disk-full").unlink()  # space freed
+    logged = []
+    results = run(resume=True, logged=logged)
+    assert sorted(r.metrics["score"] for r in results if r.error is None) == [2.0, 4.0]
+    study = optuna.load_study(study_name="toy", storage=journal_storage(journal))
+    assert sorted((t.params["x"], t.state.name, t.value) for t in study.trials) == [
+        (1, "COMPLETE", 2.0), (2, "COMPLETE", 4.0), (2, "FAIL", None)]
+    assert any("1 trial that had failed ran again" in line for line in logged), logged

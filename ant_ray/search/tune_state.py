@@ -11,6 +11,10 @@ leaves a torn file, and `Tuner.restore` then logs "Failed to restore the run sta
 - `repair_torn_state`, before a restore, checks that every state file reads; if one does not, it puts the zip's
   files back. With no zip (a driver killed during the first save) it moves the experiment folder aside, keeping
   it, and the stage starts over.
+
+A restore retries the trials that had failed (errored: a full disk, a damaged file, a lost process): Optuna keeps
+their failed attempt as FAIL, and `record_retried_trials` tells it the retry's outcome as a new trial with the same
+values, so the study holds every attempt and the searcher learns the retried trial's score.
 """
 
 from __future__ import annotations
@@ -123,3 +127,42 @@ def repair_torn_state(experiment_dir: Path, log: Callable[[str], None], label: s
     experiment_dir.rename(aside)
     log(f"{label}: the interruption tore Tune's state ({', '.join(torn)}) and no whole copy exists; "
         f"this stage starts over (the torn experiment is kept in {aside})")
+
+
+def record_retried_trials(searcher, results, log: Callable[[str], None], label: str) -> int:
+    """Tell Optuna the outcome of trials that a resume retried after they had failed. Returns how many.
+
+    `searcher` is the stage's OptunaSearch (None for a grid: nothing to tell). Optuna cannot change a finished
+    trial, and Ray's searcher ignores a trial it counts as completed, so a retried trial's result would otherwise
+    never reach the study: each one gets a new Optuna trial with the same values, told through the searcher (which
+    decides COMPLETE, PRUNED or +inf as for any trial)."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from ant_ray.search.searchers import TUNE_TRIAL_ID
+
+    study = getattr(searcher, "_ot_study", None)
+    if study is None:
+        return 0
+    attempts: dict[str, list] = {}
+    for frozen in study.get_trials(deepcopy=False):
+        attempts.setdefault(frozen.user_attrs.get(TUNE_TRIAL_ID), []).append(frozen)
+    told = 0
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id")
+        tried = attempts.get(trial_id, [])
+        if result.error is not None or not tried or any(t.state != TrialState.FAIL for t in tried):
+            continue  # still failing, not Optuna's, or its outcome is recorded already
+        failed = tried[-1]
+        # a RUNNING copy of the failed attempt (not enqueue + ask, which would take any other waiting point first)
+        study.add_trial(optuna.trial.create_trial(state=TrialState.RUNNING, params=failed.params,
+                                                  distributions=failed.distributions,
+                                                  user_attrs={TUNE_TRIAL_ID: trial_id}))
+        searcher._ot_trials[trial_id] = optuna.Trial(study, study.get_trials(deepcopy=False)[-1]._trial_id)
+        searcher._completed_trials.discard(trial_id)
+        searcher.on_trial_complete(trial_id, result=result.metrics)
+        told += 1
+    if told:
+        log(f"{label}: {told} trial{'' if told == 1 else 's'} that had failed ran again; Optuna keeps the failed "
+            "attempt and has the retry's outcome")
+    return told

@@ -6,6 +6,7 @@ checkpoint, which is how an interrupted stage or search trial picks up where it 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -15,17 +16,27 @@ from ray.train.v2.api.config import LoggingConfig
 from ray.train.torch import TorchTrainer
 
 from ant_ray.config import ResourcesConfig
+from ant_ray.files import CorruptFileError, DiskFull, is_disk_full
 from ant_ray.stages.ray_logs import verbose
 from ant_ray.training import TrainingDiverged, worker_groups
 
 
 class TrainingRunFailed(RuntimeError):
-    """A Ray Train run failed; ``reason`` is one line (the divergence message when the loss went non-finite)."""
+    """A Ray Train run failed; ``reason`` is one line (the divergence message when the loss went non-finite).
+    ``fault`` is set when the cause lies outside the run's configuration and goes away once fixed: "disk_full", or
+    "damaged_file" (a truncated or garbage input); a search then stops so that a --resume retries the run."""
 
-    def __init__(self, name: str, reason: str, diverged: bool):
+    def __init__(self, name: str, reason: str, diverged: bool, fault: str = ""):
         super().__init__(f"training run {name!r} failed: {reason}")
+        self.name = name
         self.reason = reason
         self.diverged = diverged
+        self.fault = fault
+
+    def __reduce__(self):
+        # Ray copies and pickles an exception leaving a worker or trial; the default rebuilds it from its message
+        # alone, which this __init__ refuses (a TypeError that would hide the real cause)
+        return type(self), (self.name, self.reason, self.diverged, self.fault), self.__dict__
 
 
 def scaling_config(resources: ResourcesConfig, groups: int = 1) -> ScalingConfig:
@@ -38,21 +49,69 @@ def scaling_config(resources: ResourcesConfig, groups: int = 1) -> ScalingConfig
                          resources_per_worker=per_worker)
 
 
-def failure_reason(error: BaseException) -> tuple[str, bool]:
-    """(one line, diverged?) for a Ray Train failure: the loop's own message when a worker raised one of ours."""
-    seen: list[BaseException] = [error]
-    seen += list(getattr(error, "worker_failures", {}).values())
-    for failure in seen:
-        cause: BaseException | None = failure
-        while cause is not None:
-            if isinstance(cause, TrainingDiverged):
-                return str(cause), True
-            cause = getattr(cause, "cause", None) or cause.__cause__
-        for line in str(failure).splitlines():
+def _causes(error: BaseException) -> list[BaseException]:
+    """`error` and everything behind it: Ray Train's per-worker failures, a RayTaskError's cause, chained
+    exceptions; outermost first."""
+    found: list[BaseException] = []
+    pending = [error]
+    while pending:
+        current = pending.pop(0)
+        if current is None or any(current is seen for seen in found):
+            continue
+        found.append(current)
+        pending += list((getattr(current, "worker_failures", None) or {}).values())
+        pending += [getattr(current, "cause", None), current.__cause__, current.__context__]
+    return [e for e in found if isinstance(e, BaseException)]
+
+
+_ERROR_LINE = re.compile(r"^[A-Za-z_][\w.]*(\([\w.]*\))?: \S")  # "OSError: ...", "RayTaskError(OSError): ..."
+
+
+def _last_error_line(text: str) -> str | None:
+    """The 'SomeError: message' line that ends a traceback printed into `text` (Ray's errors carry the worker's),
+    else the text's last line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if _ERROR_LINE.match(line)), lines[-1] if lines else None)
+
+
+def failure_cause(error: BaseException) -> tuple[str, bool, str]:
+    """(one line, diverged?, fault) for a failed run or trial: the loop's own message when a worker raised one of
+    ours, a full disk's or damaged file's one line, else the last line of the worker's traceback (not Ray's
+    wrapper around it). ``fault`` as in TrainingRunFailed."""
+    causes = _causes(error)
+    # Ray's RayTaskError(X) is an instance of X too, but its text is Ray's traceback: take the X it carries
+    own = [cause for cause in causes if not isinstance(getattr(cause, "cause", None), BaseException)]
+    for cause in own:
+        if isinstance(cause, TrainingRunFailed):
+            return cause.reason, cause.diverged, cause.fault
+        if isinstance(cause, TrainingDiverged):
+            return str(cause), True, ""
+    for cause in own:
+        if isinstance(cause, (DiskFull, CorruptFileError)):
+            return str(cause), False, "disk_full" if isinstance(cause, DiskFull) else "damaged_file"
+    for cause in causes:
+        for line in str(cause).splitlines():
             if "TrainingDiverged: " in line:
-                return line.split("TrainingDiverged: ", 1)[1].strip(), True
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return (lines[-1] if lines else type(error).__name__), False
+                return line.split("TrainingDiverged: ", 1)[1].strip(), True, ""
+    if any(is_disk_full(cause) for cause in causes):
+        text = "; ".join(str(c) for c in causes)
+        line = next((ln.strip() for ln in text.splitlines() if "DiskFull: " in ln), None)
+        return (line.split("DiskFull: ", 1)[1] if line else
+                f"no space left on device ({_last_error_line(str(causes[-1])) or type(causes[-1]).__name__}); "
+                "free space in output_dir and continue with --resume"), False, "disk_full"
+    for cause in causes:
+        for line in str(cause).splitlines():
+            if "CorruptFileError: " in line:
+                return line.split("CorruptFileError: ", 1)[1].strip(), False, "damaged_file"
+    innermost = causes[-1]
+    line = _last_error_line(str(innermost)) or _last_error_line(str(error))
+    return line or type(innermost).__name__, False, ""
+
+
+def failure_reason(error: BaseException) -> tuple[str, bool]:
+    """(one line, diverged?) for a Ray Train failure (see failure_cause)."""
+    reason, diverged, _ = failure_cause(error)
+    return reason, diverged
 
 
 def fit(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], *, name: str, storage: Path,
@@ -73,11 +132,9 @@ def fit(train_fn: Callable[[dict], Any], loop_config: dict[str, Any], *, name: s
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
-        reason, diverged = failure_reason(err)
-        raise TrainingRunFailed(name, reason, diverged) from err
+        raise TrainingRunFailed(name, *failure_cause(err)) from err
     if result.error is not None:  # local mode (num_workers 0) reports instead of raising
-        reason, diverged = failure_reason(result.error)
-        raise TrainingRunFailed(name, reason, diverged) from result.error
+        raise TrainingRunFailed(name, *failure_cause(result.error)) from result.error
     if isinstance(result.return_value, dict) and result.return_value.get("diverged"):
         # the loop stopped itself (an exception would have made Ray Train restart it, only to diverge again)
         raise TrainingRunFailed(name, result.return_value["diverged"], diverged=True)
