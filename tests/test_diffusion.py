@@ -76,7 +76,38 @@ def test_cosine_abar_is_the_closed_form_where_not_clipped(cosine):
     assert cosine.alphas_cumprod[-1] > 0  # clipping keeps the final SNR positive
 
 
-@pytest.mark.parametrize("name", ["linear", "cosine"])
+@pytest.mark.parametrize("name, options, start, end", [("scaled_linear", {}, 0.00085, 0.012),
+                                                        ("scaled_linear", {"beta_start": 0.0015, "beta_end": 0.0195},
+                                                         0.0015, 0.0195)])
+def test_scaled_linear_is_linear_in_sqrt_beta_and_diffusers_own(name, options, start, end):
+    from diffusers import DDPMScheduler
+
+    schedule = NoiseSchedule.create(name, T, **options)
+    betas = schedule.betas.numpy()
+    np.testing.assert_allclose(np.sqrt(betas), np.linspace(math.sqrt(start), math.sqrt(end), T), rtol=1e-12)
+    reference = DDPMScheduler(num_train_timesteps=T, beta_schedule="scaled_linear", beta_start=start, beta_end=end)
+    np.testing.assert_allclose(betas, reference.betas.double().numpy(), rtol=1e-6)  # diffusers keeps float32
+    np.testing.assert_allclose(schedule.alphas_cumprod.numpy(), reference.alphas_cumprod.double().numpy(), rtol=1e-5)
+
+
+def test_squaredcos_cap_v2_is_the_cosine_schedule_and_diffusers_own():
+    from diffusers import DDPMScheduler
+
+    schedule = NoiseSchedule.create("squaredcos_cap_v2", T)
+    assert torch.equal(schedule.betas, NoiseSchedule.create("cosine", T).betas)
+    reference = DDPMScheduler(num_train_timesteps=T, beta_schedule="squaredcos_cap_v2")
+    np.testing.assert_allclose(schedule.betas.numpy(), reference.betas.double().numpy(), rtol=1e-6)
+
+
+def test_posterior_variance_is_ddpm_beta_tilde(cosine):
+    betas = cosine.betas.numpy()
+    abar = np.cumprod(1 - betas)
+    expected = betas[1:] * (1 - abar[:-1]) / (1 - abar[1:])
+    np.testing.assert_allclose(cosine.posterior_variance.numpy()[1:], expected, rtol=1e-12)
+    assert cosine.posterior_variance[0] == 0 and cosine.alphas_cumprod_prev[0] == 1
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine", "scaled_linear", "squaredcos_cap_v2"])
 def test_snr_is_exact_and_strictly_decreasing(name):
     schedule = NoiseSchedule.create(name, T)
     abar = np.cumprod(1.0 - schedule.betas.numpy())

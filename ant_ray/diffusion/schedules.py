@@ -23,6 +23,15 @@ def linear_betas(T: int) -> torch.Tensor:
     return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
 
 
+@SCHEDULES.register("scaled_linear")
+def scaled_linear_betas(T: int, beta_start: float = 0.00085, beta_end: float = 0.012) -> torch.Tensor:
+    # Latent diffusion / Stable Diffusion: sqrt(beta) linear, beta = linspace(sqrt(start), sqrt(end), T)^2, with
+    # SD v1's 0.00085 -> 0.012 (diffusers' "scaled_linear"; not rescaled for T != 1000, as diffusers does not).
+    return torch.linspace(beta_start**0.5, beta_end**0.5, T, dtype=torch.float64) ** 2
+
+
+# "squaredcos_cap_v2" is diffusers' and DiT's name for IDDPM's cosine schedule (ANT's DiT code uses it).
+@SCHEDULES.register("squaredcos_cap_v2")
 @SCHEDULES.register("cosine")
 def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
     # Nichol & Dhariwal 2021: abar(t) = f(t)/f(0), f(t) = cos^2(((t/T)+s)/(1+s) * pi/2); betas clipped at 0.999
@@ -40,10 +49,22 @@ class NoiseSchedule:
     betas: torch.Tensor  # float64 [T]
 
     @classmethod
-    def create(cls, name: str = "linear", T: int = 1000) -> "NoiseSchedule":
+    def create(cls, name: str = "linear", T: int = 1000, **options: float) -> "NoiseSchedule":
+        """`options` go to the schedule (scaled_linear's beta_start / beta_end, e.g. LDM FFHQ's 0.0015 / 0.0195)."""
         if not isinstance(T, int) or T < 2:
             raise ValueError(f"diffusion.T must be an integer >= 2, got {T!r}")
-        return cls(name=name, betas=SCHEDULES.get(name)(T))
+        return cls(name=name, betas=SCHEDULES.get(name)(T, **options))
+
+    @property
+    def alphas_cumprod_prev(self) -> torch.Tensor:
+        """abar_{t-1}, with abar_{-1} = 1 (x_{-1} is the data)."""
+        abar = self.alphas_cumprod
+        return torch.cat([abar.new_ones(1), abar[:-1]])
+
+    @property
+    def posterior_variance(self) -> torch.Tensor:
+        """beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t), the variance of q(x_{t-1} | x_t, x_0); 0 at t = 0."""
+        return self.betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
 
     @property
     def T(self) -> int:
