@@ -1,4 +1,4 @@
-"""The options of each MTL method and loss weighting, and the rules that check them, without importing torch.
+"""The options of each MTL method, loss weighting and model family, and the rules that check them, without importing torch.
 
 A config is validated on load, before Ray or torch start, and `ant-ray validate` answers in well under two seconds;
 so the config checks method names and options here instead of building the torch objects. The classes check their
@@ -67,6 +67,23 @@ LOSS_WEIGHTING_OPTIONS: dict[str, dict[str, Check]] = {
 }
 
 
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+    return bool(value)
+
+
+# Model families (ant_ray/diffusion/families/): the options a config may set on top of a preset. num_classes = 0 is
+# an unconditional model; learn_sigma doubles the output channels (IDDPM's learned variance).
+_FAMILY_COMMON: dict[str, Check] = {"num_classes": partial(check_positive_int, minimum=0),
+                                    "learn_sigma": check_bool}
+MODEL_FAMILY_OPTIONS: dict[str, dict[str, Check]] = {
+    "unet": dict(_FAMILY_COMMON),
+    "dit": {**_FAMILY_COMMON, "patch_size": check_positive_int, "depth": check_positive_int,
+            "width": check_positive_int, "heads": check_positive_int},
+}
+
+
 def _check(family: str, catalogue: dict[str, dict[str, Check]], name: str, options: Mapping[str, Any],
            prefix: str = "") -> dict[str, Any]:
     if name not in catalogue:
@@ -86,3 +103,8 @@ def check_mtl_options(name: str, options: Mapping[str, Any] | None = None) -> di
 def check_weighting_options(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The options of loss weighting `name`, checked (ValueError naming the option and the rule)."""
     return _check("loss weighting", LOSS_WEIGHTING_OPTIONS, name, options or {}, prefix="weighting.")
+
+
+def check_family_options(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The options of model family `name`, checked (ValueError naming the option and the rule)."""
+    return _check("model family", MODEL_FAMILY_OPTIONS, name, options or {}, prefix="model.")

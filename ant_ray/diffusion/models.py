@@ -1,5 +1,5 @@
-"""Models built from presets (`presets.py`, diffusers UNet2DModel), and saved and loaded in diffusers' folder format
-(safetensors only).
+"""Models built from presets (`presets.py`), and saved and loaded in diffusers' folder format (safetensors only).
+The work is the model family's (`families/`): a preset names its family, a folder's config.json its class.
 
 A model folder is published whole (`ant_ray.files.publishing_folder`): a folder at the final path is a finished
 model. `model_is_complete` also checks the files themselves, so a folder half-written by an older version (which
@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DModel
+from torch import nn
 
-from ant_ray.diffusion.presets import PRESETS, check_preset_resolution
+from ant_ray.diffusion.families import family_of, family_of_folder, family_of_preset
+from ant_ray.diffusion.presets import FAMILY_PRESETS
 from ant_ray.files import CorruptFileError, check_safetensors, read_json
 
 CONFIG_NAME = "config.json"
@@ -21,14 +22,18 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 _MODEL_FIX = "delete the folder and re-run the step that writes it"
 
 
-def build_model(base: str, *, resolution: int, channels: int, seed: int = 0) -> UNet2DModel:
-    """A preset name builds a fresh model (seeded); anything else is a local diffusers UNet2DModel folder."""
-    if base in PRESETS:
-        config = dict(PRESETS[base], sample_size=resolution, in_channels=channels, out_channels=channels)
-        check_preset_resolution(base, resolution)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return UNet2DModel(**config)
+def _preset_names() -> str:
+    return ", ".join(name for presets in FAMILY_PRESETS.values() for name in presets)
+
+
+def build_model(base: str, *, resolution: int, channels: int, seed: int = 0, **options) -> nn.Module:
+    """A preset name builds a fresh model of its family (seeded; `options` such as num_classes or learn_sigma go
+    to the family, see plugin_options.MODEL_FAMILY_OPTIONS); anything else is a local diffusers model folder."""
+    family = family_of_preset(base)
+    if family is not None:
+        return family.build(base, resolution=resolution, channels=channels, seed=seed, **options)
+    if options:
+        raise ValueError(f"model options {sorted(options)} apply to presets only; {base!r} is a model folder")
     return load_model(base, resolution=resolution, channels=channels)
 
 
@@ -40,8 +45,8 @@ def check_model_folder(folder: str | Path) -> None:
     folder = Path(folder)
     if not (folder / CONFIG_NAME).is_file():
         raise FileNotFoundError(
-            f"model.base {str(folder)!r} is neither a preset ({', '.join(PRESETS)}) nor a diffusers UNet2DModel "
-            f"folder (expected {CONFIG_NAME} and {WEIGHTS_NAME} inside)")
+            f"model.base {str(folder)!r} is neither a preset ({_preset_names()}) nor a diffusers model folder "
+            f"(expected {CONFIG_NAME} and {WEIGHTS_NAME} inside)")
     if not (folder / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{folder} has no {WEIGHTS_NAME}; only safetensors weights are loaded (convert a "
                                 ".bin checkpoint with save_pretrained(safe_serialization=True))")
@@ -67,31 +72,25 @@ def model_is_complete(folder: str | Path) -> bool:
     return True
 
 
-def load_model(folder: str | Path, *, resolution: int | None = None, channels: int | None = None) -> UNet2DModel:
-    """Load a model folder (with its channel projections if it has them); a missing or damaged file is a
-    one-line FileNotFoundError / CorruptFileError naming it."""
+def load_model(folder: str | Path, *, resolution: int | None = None, channels: int | None = None) -> nn.Module:
+    """Load a model folder of any family (with its channel projections if it has them); a missing or damaged
+    file is a one-line FileNotFoundError / CorruptFileError naming it."""
     folder = Path(folder)
     check_model_folder(folder)
-    from ant_ray.deme.projection import PROJECTIONS_WEIGHTS_NAME, load_model_with_projections
-
-    model = (load_model_with_projections(folder) if (folder / PROJECTIONS_WEIGHTS_NAME).is_file()
-             else UNet2DModel.from_pretrained(folder, use_safetensors=True, low_cpu_mem_usage=False))
-    if channels is not None and model.config.in_channels != channels:
-        raise ValueError(f"model {folder} takes {model.config.in_channels} channels but data.channels is {channels}")
-    if resolution is not None and model.config.sample_size != resolution:
-        raise ValueError(f"model {folder} was built for {model.config.sample_size}px but data.resolution is "
-                         f"{resolution}")
+    family = family_of_folder(folder)
+    model = family.load(folder)
+    in_channels, height, _ = family.data_shape(model)
+    if channels is not None and in_channels != channels:
+        raise ValueError(f"model {folder} takes {in_channels} channels but data.channels is {channels}")
+    if resolution is not None and height != resolution:
+        raise ValueError(f"model {folder} was built for {height}px but data.resolution is {resolution}")
     return model
 
 
-def save_model(model: UNet2DModel, folder: str | Path) -> Path:
+def save_model(model: nn.Module, folder: str | Path) -> Path:
     """Save in diffusers' format (plus channel projections, if the model has them), published whole: `folder`
     is replaced as a unit and never holds a partial model."""
-    from ant_ray.deme.projection import save_model_with_projections
-
-    folder = Path(folder)
-    save_model_with_projections(model, folder)
-    return folder
+    return family_of(model).save(model, folder)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -2,6 +2,10 @@
 
 Deterministic under a seed: all noise is drawn on the CPU from one torch.Generator, so the same seed gives the
 same images on any device. Batched: `sample_images(n, batch_size=...)` streams batches.
+
+Conditioning, as DiT's model_kwargs: `cond` (one row per image) goes to a denoiser (x_t, t, cond), with
+classifier-free guidance at `guidance_scale` against `null_cond` (guidance.py). A learned-sigma model's output has
+2C channels; the samplers use the first C (the eps-type half) and their own fixed variance.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ import torch
 
 from ant_ray.registry import Registry
 
+from .guidance import ConditionalDenoiser, conditioned_denoiser
 from .loss import Denoiser
+from .parameterization import predict_x0_eps
 from .schedules import NoiseSchedule
 
 SAMPLERS: Registry = Registry("sampler")
@@ -29,22 +35,6 @@ def timestep_grid(T: int, steps: int) -> list[int]:
     return grid.tolist()
 
 
-def predict_x0_eps(prediction: torch.Tensor, x_t: torch.Tensor, a: torch.Tensor, s: torch.Tensor,
-                   target: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if target == "epsilon":
-        eps = prediction
-        x0 = (x_t - s * eps) / a
-    elif target == "x0":
-        x0 = prediction
-        eps = (x_t - a * x0) / s
-    elif target == "v":
-        x0 = a * x_t - s * prediction
-        eps = s * x_t + a * prediction
-    else:
-        raise ValueError(f"diffusion.prediction must be epsilon, v or x0, got {target!r}")
-    return x0, eps
-
-
 @torch.no_grad()
 def _respaced_loop(denoiser: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor, *, steps: int, eta: float,
                    target: str, generator: torch.Generator, clip: bool) -> torch.Tensor:
@@ -56,7 +46,7 @@ def _respaced_loop(denoiser: Denoiser, schedule: NoiseSchedule, noise: torch.Ten
         abar_prev = abar_all[grid[i + 1]] if i + 1 < len(grid) else torch.tensor(1.0, dtype=torch.float64)
         a_t, s_t = abar_t.sqrt().item(), (1 - abar_t).sqrt().item()
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        prediction = denoiser(x, t_batch).float()
+        prediction = denoiser(x, t_batch).float()[:, :x.shape[1]]  # learned sigma: the eps-type half
         x0, eps = predict_x0_eps(prediction, x, torch.tensor(a_t), torch.tensor(s_t), target)
         if clip:
             x0 = x0.clamp(-1, 1)
@@ -71,27 +61,37 @@ def _respaced_loop(denoiser: Denoiser, schedule: NoiseSchedule, noise: torch.Ten
 
 
 @SAMPLERS.register("ddim")
-def ddim(denoiser: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor, *, steps: int = 50, eta: float = 0.0,
-         target: str = "epsilon", generator: torch.Generator, clip: bool = True) -> torch.Tensor:
-    return _respaced_loop(denoiser, schedule, noise, steps=steps, eta=eta, target=target, generator=generator,
-                          clip=clip)
+def ddim(denoiser: ConditionalDenoiser, schedule: NoiseSchedule, noise: torch.Tensor, *, steps: int = 50,
+         eta: float = 0.0, target: str = "epsilon", generator: torch.Generator, clip: bool = True,
+         cond: torch.Tensor | None = None, null_cond: torch.Tensor | None = None,
+         guidance_scale: float = 1.0) -> torch.Tensor:
+    """`cond` / `null_cond` hold one row per image of `noise`; without cond the denoiser is called as (x_t, t)."""
+    return _respaced_loop(conditioned_denoiser(denoiser, cond, null_cond, guidance_scale), schedule, noise,
+                          steps=steps, eta=eta, target=target, generator=generator, clip=clip)
 
 
 @SAMPLERS.register("ddpm")
-def ddpm(denoiser: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor, *, steps: int | None = None,
-         eta: float = 1.0, target: str = "epsilon", generator: torch.Generator, clip: bool = True) -> torch.Tensor:
+def ddpm(denoiser: ConditionalDenoiser, schedule: NoiseSchedule, noise: torch.Tensor, *, steps: int | None = None,
+         eta: float = 1.0, target: str = "epsilon", generator: torch.Generator, clip: bool = True,
+         cond: torch.Tensor | None = None, null_cond: torch.Tensor | None = None,
+         guidance_scale: float = 1.0) -> torch.Tensor:
     """Ancestral sampling with the posterior variance beta~_t (exact DDPM when steps = T; respaced otherwise).
-    `eta` is accepted for a uniform sampler signature and ignored: DDPM is DDIM's eta = 1."""
-    return _respaced_loop(denoiser, schedule, noise, steps=steps or schedule.T, eta=1.0, target=target,
-                          generator=generator, clip=clip)
+    `eta` is accepted for a uniform sampler signature and ignored: DDPM is DDIM's eta = 1. A learned-sigma model's
+    variance half is not used (its eps half is)."""
+    return _respaced_loop(conditioned_denoiser(denoiser, cond, null_cond, guidance_scale), schedule, noise,
+                          steps=steps or schedule.T, eta=1.0, target=target, generator=generator, clip=clip)
 
 
-def sample_images(denoiser: Denoiser, schedule: NoiseSchedule, n: int, *, shape: tuple[int, int, int],
+def sample_images(denoiser: ConditionalDenoiser, schedule: NoiseSchedule, n: int, *, shape: tuple[int, int, int],
                   sampler: str = "ddim", steps: int = 50, eta: float = 0.0, target: str = "epsilon",
                   seed: int = 0, batch_size: int = 256, device: torch.device | str = "cpu",
-                  clip: bool = True) -> Iterator[torch.Tensor]:
+                  clip: bool = True, cond: torch.Tensor | None = None, null_cond: torch.Tensor | None = None,
+                  guidance_scale: float = 1.0) -> Iterator[torch.Tensor]:
     """Yield batches of n images in [-1, 1] (on `device`). One CPU generator drives the initial noise and the
     sampler's noise in a fixed order, so (seed, n, batch_size) fixes the result on any device.
+
+    `cond` (and `null_cond` for guidance_scale != 1) hold n rows, image i getting row i; the draws of the
+    generator do not depend on them, so the same seed gives the same noise with or without a condition.
 
     The images are NOT invariant to batch_size: batch by batch, the generator draws a batch's initial noise and
     then its per-step noise, so another split hands the same random numbers to other images and steps (stochastic
@@ -99,32 +99,44 @@ def sample_images(denoiser: Denoiser, schedule: NoiseSchedule, n: int, *, shape:
     compare scores keep batch_size fixed (FID already seeds each of its batches separately)."""
     if n < 1 or batch_size < 1:
         raise ValueError(f"sampling needs n >= 1 and batch_size >= 1, got n={n}, batch_size={batch_size}")
+    for name, rows in (("cond", cond), ("null_cond", null_cond)):
+        if rows is not None and rows.shape[0] != n:
+            raise ValueError(f"{name} needs one row per image ({n}), got {rows.shape[0]}")
     sample_fn = SAMPLERS.get(sampler)
     generator = torch.Generator().manual_seed(seed)
     done = 0
     while done < n:
         b = min(batch_size, n - done)
         noise = torch.randn((b, *shape), generator=generator).to(device)
+        rows = slice(done, done + b)
         images = sample_fn(denoiser, schedule, noise, steps=steps, eta=eta, target=target, generator=generator,
-                           clip=clip)
+                           clip=clip, cond=None if cond is None else cond[rows].to(device),
+                           null_cond=None if null_cond is None else null_cond[rows].to(device),
+                           guidance_scale=guidance_scale)
         done += b
         yield images.clamp(-1, 1)
 
 
-def model_denoiser(model: torch.nn.Module, *, autocast_dtype: torch.dtype | None = None) -> Denoiser:
-    """Wrap a diffusers UNet2DModel as a denoiser, optionally under autocast (bf16/fp16 on GPU)."""
+def model_denoiser(model: torch.nn.Module, *, autocast_dtype: torch.dtype | None = None) -> ConditionalDenoiser:
+    """Wrap a model of any family (or its DDP wrapper) as a denoiser (x_t, t, cond=None), optionally under
+    autocast (bf16/fp16 on GPU). cond=None is the unconditional call (the null label on a conditional model), so
+    today's (x_t, t) callers are unchanged. The raw output: 2C channels for a learned-sigma model."""
+    from .families import family_of
 
-    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    family = family_of(model)
+
+    def denoise(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         if autocast_dtype is None:  # no autocast(enabled=False) here: it would switch off a caller's autocast
-            return model(x_t, t).sample
+            return family.denoise(model, x_t, t, cond)
         with torch.autocast(x_t.device.type, dtype=autocast_dtype):
-            return model(x_t, t).sample
+            return family.denoise(model, x_t, t, cond)
 
     return denoise
 
 
-def routed_denoiser(ranges: list[tuple[int, int]], denoisers: list[Denoiser]) -> Denoiser:
-    """DeMe's ensemble ('before merge'): each timestep goes to the denoiser whose [start, end) range holds it."""
+def routed_denoiser(ranges: list[tuple[int, int]], denoisers: list[ConditionalDenoiser]) -> ConditionalDenoiser:
+    """DeMe's ensemble ('before merge'): each timestep goes to the denoiser whose [start, end) range holds it,
+    with its rows of the condition when there is one."""
     if len(ranges) != len(denoisers):
         raise ValueError("routed_denoiser needs one denoiser per range")
     # Overlapping ranges would send a timestep to two specialists (the later silently winning); reject them.
@@ -136,13 +148,13 @@ def routed_denoiser(ranges: list[tuple[int, int]], denoisers: list[Denoiser]) ->
         if start < end:
             raise ValueError(f"routed_denoiser ranges {ranges} overlap; give each timestep to one specialist")
 
-    def denoise(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def denoise(x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         out = None
         covered = torch.zeros_like(t, dtype=torch.bool)
         for (start, end), fn in zip(ranges, denoisers):
             mask = (t >= start) & (t < end)
             if mask.any():
-                pred = fn(x_t[mask], t[mask])
+                pred = fn(x_t[mask], t[mask]) if cond is None else fn(x_t[mask], t[mask], cond[mask])
                 if out is None:
                     out = torch.empty((x_t.shape[0], *pred.shape[1:]), dtype=pred.dtype, device=pred.device)
                 out[mask] = pred
