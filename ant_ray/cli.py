@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "MLFLOW_TRACKING_URI), bound to 127.0.0.1, and print its URL.")
     ui.add_argument("--output-dir", default="ant_ray_runs", help="the output_dir whose mlflow.db to open")
     ui.add_argument("--port", type=int, default=5000, help="port (default: 5000)")
-    ui.add_argument("--host", default="127.0.0.1", help="bind address (default: this machine only)")
+    ui.add_argument("--host", default=None,
+                    help="bind address (default: 127.0.0.1, this machine only; the UI has no login, so another "
+                         "address lets anyone who reaches it read and change the runs)")
 
     run = sub.add_parser("run", help="run the fixed DeMe pipeline from a YAML config (no search over p or N)",
                          description="Run pretrain -> DeMe specialists -> merge-weight search from a config file.")
@@ -278,7 +280,9 @@ def _stop_ray() -> None:
 
 
 def _open_ui(args: argparse.Namespace) -> int:
-    """`mlflow ui` on the project's store, bound to 127.0.0.1 unless --host says otherwise."""
+    """`mlflow ui` on the project's store, bound to 127.0.0.1 unless --host says otherwise. The server (uvicorn's
+    workers, MLflow's huey job consumer) runs in a process group of its own, stopped as a whole when this command
+    ends in any way but SIGKILL: Ctrl-C, SIGTERM, or the server's own exit."""
     import os
     import subprocess
 
@@ -292,20 +296,72 @@ def _open_ui(args: argparse.Namespace) -> int:
         return 0
     from ant_ray.tracking import saved_runs_pages
 
-    address = f"http://{args.host}:{args.port}"
+    host = args.host or "127.0.0.1"
+    warning = ui_host_warning(host, args.port)
+    if warning:
+        print(warning, file=sys.stderr)
+    address = f"http://{host}:{args.port}"
     print(f"MLflow UI: {address}  (store {uri}; Ctrl-C stops it)")
     for experiment, page in saved_runs_pages(uri).items():  # the runs tables (the UI opens on GenAI pages)
         print(f"  {experiment}: {address}/{page}")
     sys.stdout.flush()
     # two server processes are plenty for one person's browser; uvicorn's per-request lines stay out of the terminal
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", args.host,
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host,
                "--port", str(args.port), "--workers", "2", "--uvicorn-opts", "--log-level warning"]
+    # the libraries' deprecation notices to their own developers (file paths and all) are not for this terminal
+    quiet = "ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated"
+    server = subprocess.Popen(command, env={**os.environ, "PYTHONWARNINGS": quiet}, start_new_session=True)
     try:
-        # the libraries' deprecation notices to their own developers (file paths and all) are not for this terminal
-        quiet = "ignore::DeprecationWarning,ignore:starlette.middleware.wsgi is deprecated"
-        return subprocess.call(command, env={**os.environ, "PYTHONWARNINGS": quiet})
+        return server.wait()
     except KeyboardInterrupt:
         return 0
+    finally:  # SIGTERM arrives here as SystemExit (_exit_on_sigterm)
+        stop_process_group(server)
+
+
+def ui_host_warning(host: str, port: int) -> str | None:
+    """The one line `ant-ray ui --host` prints when the UI would listen beyond this machine."""
+    if host in ("localhost", "::1") or host.startswith("127."):
+        return None
+    return (f"warning: the MLflow UI listens on {host}:{port} without a login: anyone who can reach this machine "
+            "there can read and change the runs")
+
+
+def stop_process_group(leader: subprocess.Popen, grace_s: float = 5.0) -> None:
+    """Stop every process of the group `leader` heads (it was started with start_new_session=True): SIGTERM, then
+    SIGKILL for what is left after `grace_s`."""
+    import time
+
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(leader.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            return
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            leader.poll()  # reap the leader once it exits
+            if not running_in_group(leader.pid):
+                return
+            time.sleep(0.1)
+
+
+def running_in_group(group: int) -> bool:
+    """Whether a process of the group still runs. Exited ones wait as zombies until their parent (PID 1 for the
+    server's orphaned workers) collects them, which can take a while; they hold no port."""
+    if not Path("/proc/self/stat").exists():  # no /proc: zombies count too
+        try:
+            os.killpg(group, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, ...
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            return True
+    return False
 
 
 if __name__ == "__main__":

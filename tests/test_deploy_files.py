@@ -150,6 +150,17 @@ def test_cluster_launcher_config_is_valid_for_ray():
     assert workers and sum(t["max_workers"] for t in workers.values()) <= config["max_workers"]
 
 
+def test_the_clusters_require_rays_token_authentication():
+    """Both deployments turn on Ray's token authentication: without it, anyone who reaches a node's ports runs code
+    on the cluster (the README's cluster section says how to submit with the token)."""
+    cluster = _manifests()["RayJob"]["spec"]["rayClusterSpec"]
+    assert cluster["authOptions"]["mode"] == "token"  # KubeRay makes the token Secret and sets it in every container
+    launcher = yaml.safe_load(LAUNCHER.read_text())
+    assert "--env RAY_AUTH_MODE=token" in launcher["docker"]["run_options"]
+    # ...and every node gets the token file the README has you generate, at the image user's default token path.
+    assert launcher["file_mounts"] == {"/home/ray/.ray/auth_token": "~/.ray/auth_token"}
+
+
 def test_the_command_reports_the_project_version():
     from ant_ray import __version__
 

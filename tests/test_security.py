@@ -6,10 +6,12 @@ could unpickle, naming file:line.
 """
 
 import ast
+import os
 import sqlite3
 from contextlib import closing
 from pathlib import Path
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from ant_ray.tracking import REDACTED, TrackedRun, redact_credentials, setup_experiment
@@ -138,3 +140,61 @@ def test_switches_and_short_values_are_not_taken_for_secrets():
                                    "note": "administrator"}, environ)
     # A short password is hidden where it is the whole value, not inside longer words.
     assert redacted == {"steps": "1", "flag": "true", "path": "/usr/bin", "user": REDACTED, "note": "administrator"}
+
+
+def test_credentials_from_the_environment_stay_out_of_the_private_rays_files(tmp_path, monkeypatch):
+    """Ray Tune copies AWS_* variables into every trial's runtime env, which the runtime env agent logs: for the
+    private Ray ant_ray stops that (its workers inherit the environment anyway), and its session folder (logs,
+    runtime env files) sits in a folder only the user can enter."""
+    import ray
+    from ray import tune
+
+    from conftest import shared_ray
+
+    shared_ray()
+    credentials = {"AWS_ACCESS_KEY_ID": "AKIAFAKEKEYID7F3C9A2B", "AWS_SECRET_ACCESS_KEY": FAKE_AWS_SECRET,
+                   "AWS_SESSION_TOKEN": FAKE_TOKEN}
+    for name, value in credentials.items():
+        monkeypatch.setenv(name, value)
+
+    def trial(config):  # defined here, so that the trial's process imports nothing of this module
+        tune.report({"score": config["x"]})
+
+    results = tune.Tuner(trial, param_space={"x": 1},
+                         run_config=tune.RunConfig(storage_path=str(tmp_path), name="secrets", verbose=0)).fit()
+    assert not results.errors and results[0].metrics["score"] == 1
+
+    session = Path(ray._private.worker._global_node.get_session_dir_path())
+    assert (session.parent.parent.stat().st_mode & 0o077) == 0, "the private Ray's files are open to other users"
+    secrets = [value.encode() for value in credentials.values()]
+    leaked = [str(path.relative_to(session)) for path in session.rglob("*") if path.is_file() and not path.is_symlink()
+              and any(secret in path.read_bytes() for secret in secrets)]
+    assert not leaked, f"credentials in the private Ray's files: {leaked}"
+
+
+# --------------------------------------------------------------------------------------------------- ant-ray ui
+def test_the_ui_warns_before_listening_beyond_this_machine():
+    from ant_ray.cli import build_parser, ui_host_warning
+
+    assert build_parser().parse_args(["ui"]).host is None  # the command binds 127.0.0.1 then
+    assert ui_host_warning("127.0.0.1", 5000) is None and ui_host_warning("localhost", 5000) is None
+    warning = ui_host_warning("0.0.0.0", 5000)
+    assert warning.startswith("warning: ") and "0.0.0.0:5000" in warning and "\n" not in warning
+
+
+def test_stopping_the_ui_stops_its_whole_process_group():
+    """`ant-ray ui` runs the MLflow server (uvicorn workers, a huey consumer) as a process group of its own and
+    stops the group as it ends; here a shell that leaves a child behind stands in for the server, with a child that
+    ignores SIGTERM, as a stuck worker would."""
+    import subprocess
+
+    from ant_ray.cli import running_in_group, stop_process_group
+
+    leader = subprocess.Popen(["sh", "-c", "(trap '' TERM; exec sleep 60) & echo $!; sleep 60 & wait"],
+                              stdout=subprocess.PIPE, text=True, start_new_session=True)
+    child = int(leader.stdout.readline())
+    assert running_in_group(leader.pid)
+    stop_process_group(leader, grace_s=0.5)
+    assert leader.poll() is not None and not running_in_group(leader.pid)
+    child_stat = Path(f"/proc/{child}/stat")
+    assert not child_stat.exists() or child_stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone, or exited

@@ -2,9 +2,10 @@
 included, where no exit hook runs), it stops that Ray's processes and all their descendants, so nothing is left
 running (Ray's own agents are otherwise re-parented to PID 1 and live on).
 
-    python -m ant_ray.stages.ray_watchdog DRIVER_PID NODE_PID [NODE_PID ...]
+    python -m ant_ray.stages.ray_watchdog [--remove FILE] DRIVER_PID NODE_PID [NODE_PID ...]
 
-It exits on its own once the node processes are gone (a normal `ray.shutdown()`). Linux only (reads /proc).
+It exits on its own once the node processes are gone (a normal `ray.shutdown()`), deleting FILE (the private Ray's
+login token, which no process needs any more) either way. Linux only (reads /proc).
 """
 
 from __future__ import annotations
@@ -66,17 +67,29 @@ def stop(pids: set[int], grace_s: float = 3.0) -> None:
 
 
 def main(argv: list[str]) -> int:
+    remove = None
+    if argv[0] == "--remove":
+        remove, argv = Path(argv[1]), argv[2:]
     driver, roots = int(argv[0]), {int(p) for p in argv[1:]}
+    try:
+        watch(driver, roots)
+    finally:
+        if remove is not None:
+            remove.unlink(missing_ok=True)
+    return 0
+
+
+def watch(driver: int, roots: set[int]) -> None:
+    """Return once the roots are gone; if the driver goes first, stop the roots and everything below them."""
     seen: dict[int, int | None] = {}  # pid -> start time of every process seen below the roots
     while alive(driver):
         if not any(alive(p) for p in roots):
-            return 0  # Ray was shut down normally
+            return  # Ray was shut down normally
         for pid in descendants(roots) - seen.keys():  # workers and agents come and go: remember them all
             seen[pid] = start_time(pid)
         time.sleep(1.0)
     same_process = {pid for pid, started in seen.items() if started is not None and start_time(pid) == started}
     stop(descendants(roots) | same_process)
-    return 0
 
 
 if __name__ == "__main__":
