@@ -15,6 +15,7 @@ from scipy.stats import norm
 from ant_ray.diffusion import (
     MODEL_FAMILIES,
     NoiseSchedule,
+    balanced_labels,
     build_model,
     build_weighting,
     combine_guidance,
@@ -141,6 +142,11 @@ def test_drop_labels_replaces_a_seeded_fraction_by_the_null_label():
     assert torch.equal(dropped[~is_null], labels[~is_null])
     with pytest.raises(ValueError, match="p_uncond"):
         drop_labels(labels, 1.5, torch.Generator(), K)
+
+
+def test_balanced_labels_give_every_class_its_share():
+    counts = torch.bincount(balanced_labels(1003, K), minlength=K)
+    assert counts.sum() == 1003 and counts.max() - counts.min() <= 1 and counts.min() == 100
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,23 +311,66 @@ def test_guided_sampling_at_w1_and_w0_is_conditional_and_unconditional_sampling(
         return torch.cat(list(sample_images(denoiser, NoiseSchedule.create("squaredcos_cap_v2", T), 6, **kwargs,
                                             **extra)))
 
-    # The reference bakes in each batch's own rows of the labels (a batch's first step is t = 999).
-    rows = iter([labels[:4], labels[4:]])
-    current = [None]
+    # The reference bakes in each batch's own rows of the labels (a batch's first step is t = 999). w = 0 is the
+    # unconditional eps with the conditional variance (which DDPM uses; DDIM ignores it).
+    def reference(unconditional_eps: bool):
+        rows, current = iter([labels[:4], labels[4:]]), [None]
 
-    def reference(x_t, t):
-        if t[0] == 999:
-            current[0] = next(rows)
-        return base(x_t, t, current[0])
+        def denoise(x_t, t):
+            if t[0] == 999:
+                current[0] = next(rows)
+            out = base(x_t, t, current[0])
+            return torch.cat([base(x_t, t)[:, :1], out[:, 1:]], 1) if unconditional_eps else out
+        return denoise
 
-    by_hand = draw(reference)
+    by_hand = draw(reference(False))
     torch.testing.assert_close(draw(base, cond=labels, null_cond=null, guidance_scale=1.0), by_hand)
-    torch.testing.assert_close(draw(base, cond=labels, null_cond=null, guidance_scale=0.0), draw(base), atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(draw(base, cond=labels, null_cond=null, guidance_scale=0.0), draw(reference(True)),
+                               atol=1e-5, rtol=0)
+    if sampler == "ddim":
+        torch.testing.assert_close(draw(base, cond=labels, null_cond=null, guidance_scale=0.0), draw(base),
+                                   atol=1e-5, rtol=0)
     guided = draw(base, cond=labels, null_cond=null, guidance_scale=1.5)
     assert guided.shape == (6, 1, 8, 8) and not torch.allclose(guided, by_hand)
     with pytest.raises(ValueError, match="one row per image"):
         draw(base, cond=labels[:5])
+
+
+def test_ddpm_samples_with_the_learned_variance():
+    """v = -1 is beta~' (the fixed DDPM path); v = +1 is the respaced beta' = 1 - abar_t / abar_prev, replayed
+    step by step from the documented noise order (initial noise, then one draw per step but the last)."""
+    schedule = NoiseSchedule.create("linear", T)
+
+    def eps(x_t, t):
+        return 0.5 * x_t
+
+    def with_v(value):
+        return lambda x_t, t: torch.cat([eps(x_t, t), torch.full_like(x_t, value)], 1)
+
+    kwargs = dict(shape=(1, 4, 4), sampler="ddpm", steps=20, seed=9, batch_size=3)
+    fixed = next(sample_images(eps, schedule, 3, **kwargs))
+    torch.testing.assert_close(next(sample_images(with_v(-1.0), schedule, 3, **kwargs)), fixed, atol=1e-5, rtol=0)
+
+    seen = []
+
+    def recording(x_t, t):
+        seen.append(x_t.clone())
+        return with_v(1.0)(x_t, t)
+
+    final = next(sample_images(recording, schedule, 3, **kwargs))
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, T))
+    grid = list(np.linspace(0, T - 1, 20).round().astype(int)[::-1])
+    replay = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 1, 4, 4, generator=replay).double().numpy()
+    for i, t in enumerate(grid):
+        np.testing.assert_allclose(seen[i].double().numpy(), x, atol=1e-4, rtol=0)
+        prev = abar[grid[i + 1]] if i + 1 < len(grid) else 1.0
+        beta = 1 - abar[t] / prev
+        x0 = np.clip((x - np.sqrt(1 - abar[t]) * 0.5 * x) / np.sqrt(abar[t]), -1, 1)
+        mean = np.sqrt(prev) * beta / (1 - abar[t]) * x0 + np.sqrt(1 - beta) * (1 - prev) / (1 - abar[t]) * x
+        x = mean if i + 1 == len(grid) else mean + np.sqrt(beta) * torch.randn(3, 1, 4, 4, generator=replay).double().numpy()
+    np.testing.assert_allclose(final.double().numpy(), np.clip(x, -1, 1), atol=1e-4, rtol=0)
+    assert not torch.allclose(final, fixed)
 
 
 def test_routed_denoiser_hands_each_specialist_its_rows_of_the_condition():
@@ -415,14 +464,15 @@ def test_the_bound_trains_the_variance_only_and_vanishes_for_the_true_posterior(
     assert exact[t > 0].abs().max() < 1e-4 and (exact[t == 0] > 0).all()
 
 
-@pytest.mark.parametrize("target", ["epsilon", "v", "x0"])
-def test_learned_sigma_loss_is_weighted_mse_plus_t_over_1000_bound_through_a_family(dit, target):
+@pytest.mark.parametrize("base, target", [("dit-tiny", "epsilon"), ("dit-tiny", "v"), ("dit-tiny", "x0"),
+                                          ("tiny", "epsilon"), ("tiny", "v")])
+def test_learned_sigma_loss_is_weighted_mse_plus_t_over_1000_bound_through_a_family(base, target):
     schedule = NoiseSchedule.create("squaredcos_cap_v2", T)
     weighting = build_weighting("min-snr")
     g = torch.Generator().manual_seed(5)
     x0 = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1
     noise, t, labels = torch.randn(x0.shape, generator=g), torch.tensor([0, 10, 500, 990]), torch.tensor([1, 2, K, 3])
-    model = perturbed(build_model("dit-tiny", resolution=8, channels=1, seed=1), seed=3)
+    model = perturbed(build_model(base, resolution=8, channels=1, seed=1, num_classes=K, learn_sigma=True), seed=3)
     loss = diffusion_loss(model_denoiser(model), x0, t, noise, schedule, target=target, weighting=weighting,
                           cond=labels)
     with torch.no_grad():

@@ -7,7 +7,7 @@ diffusers."""
 import importlib
 
 _WHERE = {
-    ".families": ["MODEL_FAMILIES", "ModelFamily", "drop_labels", "family_of", "family_of_folder",
+    ".families": ["MODEL_FAMILIES", "ModelFamily", "balanced_labels", "drop_labels", "family_of", "family_of_folder",
                   "family_of_preset", "get_family"],
     ".guidance": ["combine_guidance", "conditioned_denoiser"],
     ".loss": ["Denoiser", "diffusion_loss", "per_sample_loss", "prediction_target", "weighted_loss"],

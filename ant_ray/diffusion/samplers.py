@@ -5,11 +5,12 @@ same images on any device. Batched: `sample_images(n, batch_size=...)` streams b
 
 Conditioning, as DiT's model_kwargs: `cond` (one row per image) goes to a denoiser (x_t, t, cond), with
 classifier-free guidance at `guidance_scale` against `null_cond` (guidance.py). A learned-sigma model's output has
-2C channels; the samplers use the first C (the eps-type half) and their own fixed variance.
+2C channels: both samplers use the first C (the eps-type half); DDPM also uses the last C, the learned variance.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Iterator
 
 import torch
@@ -37,20 +38,27 @@ def timestep_grid(T: int, steps: int) -> list[int]:
 
 @torch.no_grad()
 def _respaced_loop(denoiser: Denoiser, schedule: NoiseSchedule, noise: torch.Tensor, *, steps: int, eta: float,
-                   target: str, generator: torch.Generator, clip: bool) -> torch.Tensor:
+                   target: str, generator: torch.Generator, clip: bool,
+                   learned_variance: bool = False) -> torch.Tensor:
     abar_all = schedule.alphas_cumprod
     x = noise
+    channels = x.shape[1]
     grid = timestep_grid(schedule.T, steps)
     for i, t in enumerate(grid):
         abar_t = abar_all[t]
         abar_prev = abar_all[grid[i + 1]] if i + 1 < len(grid) else torch.tensor(1.0, dtype=torch.float64)
         a_t, s_t = abar_t.sqrt().item(), (1 - abar_t).sqrt().item()
         t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        prediction = denoiser(x, t_batch).float()[:, :x.shape[1]]  # learned sigma: the eps-type half
+        output = denoiser(x, t_batch).float()
+        prediction = output[:, :channels]  # learned sigma: the eps-type half
         x0, eps = predict_x0_eps(prediction, x, torch.tensor(a_t), torch.tensor(s_t), target)
         if clip:
             x0 = x0.clamp(-1, 1)
             eps = (x - a_t * x0) / s_t
+        if learned_variance and output.shape[1] == 2 * channels:
+            x = _learned_variance_step(x, x0, output[:, channels:], abar_t, abar_prev, generator,
+                                       last=i + 1 == len(grid))
+            continue
         # DDIM Eq. 12/16: sigma interpolates between deterministic DDIM (eta=0) and DDPM ancestral (eta=1).
         sigma = eta * ((1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)).clamp_min(0).sqrt().item()
         direction = (1 - abar_prev - sigma**2).clamp_min(0).sqrt().item()
@@ -58,6 +66,22 @@ def _respaced_loop(denoiser: Denoiser, schedule: NoiseSchedule, noise: torch.Ten
         if sigma > 0:
             x = x + sigma * torch.randn(x.shape, generator=generator).to(x.device)
     return x
+
+
+def _learned_variance_step(x: torch.Tensor, x0: torch.Tensor, variance_output: torch.Tensor, abar_t: torch.Tensor,
+                           abar_prev: torch.Tensor, generator: torch.Generator, *, last: bool) -> torch.Tensor:
+    """One ancestral step of the respaced chain with IDDPM's learned variance (as DiT / ANT sample): the posterior
+    mean mu~(x0_hat, x_t) and log Sigma = f log beta' + (1 - f) log beta~', f = (v + 1) / 2, where beta' =
+    1 - abar_t / abar_prev is the respaced step's beta (IDDPM's respacing). The last step returns the mean."""
+    beta = (1 - abar_t / abar_prev).item()
+    mean = (abar_prev.sqrt().item() * beta / (1 - abar_t).item() * x0
+            + math.sqrt(1 - beta) * (1 - abar_prev).item() / (1 - abar_t).item() * x)
+    if last:  # abar_prev = 1: beta~' = 0 and the mean is x0_hat; no noise, as in DDPM
+        return mean
+    beta_tilde = (1 - abar_prev).item() / (1 - abar_t).item() * beta
+    frac = (variance_output + 1) / 2
+    log_variance = frac * math.log(beta) + (1 - frac) * math.log(beta_tilde)
+    return mean + torch.exp(0.5 * log_variance) * torch.randn(x.shape, generator=generator).to(x.device)
 
 
 @SAMPLERS.register("ddim")
@@ -75,11 +99,12 @@ def ddpm(denoiser: ConditionalDenoiser, schedule: NoiseSchedule, noise: torch.Te
          eta: float = 1.0, target: str = "epsilon", generator: torch.Generator, clip: bool = True,
          cond: torch.Tensor | None = None, null_cond: torch.Tensor | None = None,
          guidance_scale: float = 1.0) -> torch.Tensor:
-    """Ancestral sampling with the posterior variance beta~_t (exact DDPM when steps = T; respaced otherwise).
-    `eta` is accepted for a uniform sampler signature and ignored: DDPM is DDIM's eta = 1. A learned-sigma model's
-    variance half is not used (its eps half is)."""
+    """Ancestral sampling with the posterior variance beta~_t (exact DDPM when steps = T; respaced otherwise), or,
+    for a learned-sigma model (2C output channels), with the variance it learned (IDDPM / DiT sampling).
+    `eta` is accepted for a uniform sampler signature and ignored: DDPM is DDIM's eta = 1."""
     return _respaced_loop(conditioned_denoiser(denoiser, cond, null_cond, guidance_scale), schedule, noise,
-                          steps=steps or schedule.T, eta=1.0, target=target, generator=generator, clip=clip)
+                          steps=steps or schedule.T, eta=1.0, target=target, generator=generator, clip=clip,
+                          learned_variance=True)
 
 
 def sample_images(denoiser: ConditionalDenoiser, schedule: NoiseSchedule, n: int, *, shape: tuple[int, int, int],

@@ -13,7 +13,7 @@ from ant_ray.diffusion.presets import preset_family
 from ant_ray.files import read_json
 
 from . import dit, unet  # noqa: F401  (registers the families)
-from .base import MODEL_FAMILIES, ModelFamily, drop_labels, unwrap
+from .base import MODEL_FAMILIES, ModelFamily, balanced_labels, drop_labels, unwrap
 
 
 def get_family(name: str) -> ModelFamily:
@@ -45,5 +45,5 @@ def _by_class_name(class_name: str, what: str) -> ModelFamily:
     raise ValueError(f"{what} is a {class_name or 'class-less'} model; the model families know {known}")
 
 
-__all__ = ["MODEL_FAMILIES", "ModelFamily", "drop_labels", "family_of", "family_of_folder", "family_of_preset",
+__all__ = ["MODEL_FAMILIES", "ModelFamily", "balanced_labels", "drop_labels", "family_of", "family_of_folder", "family_of_preset",
            "get_family", "unwrap"]

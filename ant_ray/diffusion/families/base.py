@@ -42,6 +42,14 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    """n labels cycling through the classes, each class n // K or n // K + 1 times: the labels of a class-conditional
+    model's FID samples (ADM / DiT sample classes uniformly; cycling removes the sampling noise of the counts)."""
+    if num_classes < 1:
+        raise ValueError(f"balanced labels need num_classes >= 1, got {num_classes}")
+    return torch.arange(n) % num_classes
+
+
 class ModelFamily:
     """One family of denoisers. Subclasses set the class attributes and implement the four methods marked below."""
 
