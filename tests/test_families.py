@@ -131,6 +131,20 @@ def test_a_ddp_style_wrapper_is_called_and_its_inner_model_read(cond_unet):
         torch.testing.assert_close(model_denoiser(wrapped)(x, t), model_denoiser(cond_unet)(x, t), rtol=0, atol=0)
 
 
+def test_a_conditional_unet_with_deme_projections_round_trips(tmp_path):
+    from ant_ray.deme.projection import add_channel_projections, channel_projection_places
+
+    model = add_channel_projections(build_model("tiny", resolution=8, channels=1, seed=4, num_classes=K))
+    perturbed(model, seed=5).eval()
+    loaded = load_model(save_model(model, tmp_path / "unet"), resolution=8, channels=1).eval()
+    assert channel_projection_places(loaded) == get_family("unet").projection_places(loaded)
+    x, t = inputs()
+    labels = torch.tensor([2, 4, K, 0])
+    with torch.no_grad():
+        torch.testing.assert_close(model_denoiser(loaded)(x, t, labels), model_denoiser(model)(x, t, labels),
+                                   rtol=0, atol=0)
+
+
 def test_drop_labels_replaces_a_seeded_fraction_by_the_null_label():
     labels = torch.arange(10_000) % K
     assert torch.equal(drop_labels(labels, 0.0, torch.Generator().manual_seed(0), K), labels)
