@@ -1,4 +1,5 @@
-"""The options of each MTL method, loss weighting and model family, and the rules that check them, without importing torch.
+"""The options of each MTL method, loss weighting and model family, and the rules that check them, without importing
+torch.
 
 A config is validated on load, before Ray or torch start, and `ant-ray validate` answers in well under two seconds;
 so the config checks method names and options here instead of building the torch objects. The classes check their

@@ -170,7 +170,8 @@ def test_balanced_labels_give_every_class_its_share():
 def test_dit_tiny_is_a_pixel_dit_on_digits_with_a_null_row():
     model = build_model("dit-tiny", resolution=8, channels=1, seed=0)
     config = model.config
-    assert (config.patch_size, config.num_layers, config.num_attention_heads, config.attention_head_dim) == (2, 2, 4, 16)
+    assert (config.patch_size, config.num_layers) == (2, 2)
+    assert (config.num_attention_heads, config.attention_head_dim) == (4, 16)
     assert (config.in_channels, config.out_channels, config.sample_size) == (1, 2, 8)  # learned sigma: 2 x in
     assert config.num_embeds_ada_norm == K
     for block in model.transformer_blocks:
@@ -382,7 +383,9 @@ def test_ddpm_samples_with_the_learned_variance():
         beta = 1 - abar[t] / prev
         x0 = np.clip((x - np.sqrt(1 - abar[t]) * 0.5 * x) / np.sqrt(abar[t]), -1, 1)
         mean = np.sqrt(prev) * beta / (1 - abar[t]) * x0 + np.sqrt(1 - beta) * (1 - prev) / (1 - abar[t]) * x
-        x = mean if i + 1 == len(grid) else mean + np.sqrt(beta) * torch.randn(3, 1, 4, 4, generator=replay).double().numpy()
+        if i + 1 < len(grid):
+            mean = mean + np.sqrt(beta) * torch.randn(3, 1, 4, 4, generator=replay).double().numpy()
+        x = mean
     np.testing.assert_allclose(final.double().numpy(), np.clip(x, -1, 1), atol=1e-4, rtol=0)
     assert not torch.allclose(final, fixed)
 

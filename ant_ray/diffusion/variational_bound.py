@@ -74,7 +74,8 @@ def learned_log_variance(variance_output: torch.Tensor, t: torch.Tensor, schedul
 
 
 def posterior_mean(x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule) -> torch.Tensor:
-    """mu~_t(x_t, x_0) = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t."""
+    """mu~_t(x_t, x_0) = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0
+                      + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t."""
     abar, abar_prev, betas = schedule.alphas_cumprod, schedule.alphas_cumprod_prev, schedule.betas
     coef_x0 = _at(abar_prev.sqrt() * betas / (1.0 - abar), t, x_t)
     coef_xt = _at((1.0 - betas).sqrt() * (1.0 - abar_prev) / (1.0 - abar), t, x_t)

@@ -45,5 +45,5 @@ def _by_class_name(class_name: str, what: str) -> ModelFamily:
     raise ValueError(f"{what} is a {class_name or 'class-less'} model; the model families know {known}")
 
 
-__all__ = ["MODEL_FAMILIES", "ModelFamily", "balanced_labels", "drop_labels", "family_of", "family_of_folder", "family_of_preset",
-           "get_family", "unwrap"]
+__all__ = ["MODEL_FAMILIES", "ModelFamily", "balanced_labels", "drop_labels", "family_of", "family_of_folder",
+           "family_of_preset", "get_family", "unwrap"]

@@ -133,7 +133,8 @@ class ModelFamily:
         """The extra, last row of the label table: index num_classes (never a hard-coded 1000)."""
         return self.num_classes(model)
 
-    def null_condition(self, model: nn.Module, batch_size: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+    def null_condition(self, model: nn.Module, batch_size: int,
+                       device: torch.device | str = "cpu") -> torch.Tensor | None:
         """The condition of an unconditional call: null labels, or None for a model without a label table."""
         if not self.has_label_table(model):
             return None
