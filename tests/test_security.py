@@ -1,4 +1,5 @@
-"""Security: nothing the project loads is unpickled, and no credential from the environment reaches MLflow.
+"""Security: nothing the project loads is unpickled, no credential from the environment reaches MLflow or the private
+Ray's files, and `ant-ray ui` keeps to this machine unless told otherwise (and leaves no server behind).
 
 Weights, task vectors and checkpoints are safetensors + JSON; FID statistics are .npz read with
 allow_pickle=False. Unpickling a file runs whatever code it holds, so the scan below fails on any call that
@@ -6,12 +7,10 @@ could unpickle, naming file:line.
 """
 
 import ast
-import os
 import sqlite3
 from contextlib import closing
 from pathlib import Path
 
-import pytest
 from mlflow.tracking import MlflowClient
 
 from ant_ray.tracking import REDACTED, TrackedRun, redact_credentials, setup_experiment
@@ -198,3 +197,4 @@ def test_stopping_the_ui_stops_its_whole_process_group():
     assert leader.poll() is not None and not running_in_group(leader.pid)
     child_stat = Path(f"/proc/{child}/stat")
     assert not child_stat.exists() or child_stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # gone, or exited
+    leader.stdout.close()
