@@ -39,7 +39,7 @@ from ant_ray.deme.finetune import train_diffusion
 from ant_ray.diffusion import build_model, load_model, save_model
 from ant_ray.files import CorruptFileError, DiskFull
 from ant_ray.fid import InceptionUnavailable
-from ant_ray.search.chain import run_search
+from ant_ray.search.chain import SearchFolderInUse, run_search
 from ant_ray.search.outcome import SearchStageFailed
 from ant_ray.search.searchers import journal_storage
 from ant_ray.stages.ray_runtime import start_ray
@@ -87,7 +87,8 @@ def _every_exception() -> list:
             DatasetError("dataset 'cifar10' at '/x': not a CIFAR-10 archive"),
             DatasetNotFoundError("dataset 'image-folder' at '/nope': path does not exist"),
             TrackingUnreachable("cannot reach the MLflow tracking server http://127.0.0.1:9 within 5 s"),
-            InceptionUnavailable("Inception weights are not available at /tmp/inception-2015-12-05.pt")]
+            InceptionUnavailable("Inception weights are not available at /tmp/inception-2015-12-05.pt"),
+            SearchFolderInUse("/runs/searches/s is in use by another search driver (host h, PID 1, since ...)")]
 
 
 @pytest.mark.parametrize("error", _every_exception(), ids=lambda e: type(e).__name__)

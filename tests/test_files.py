@@ -22,7 +22,7 @@ from ant_ray.files import CorruptFileError, check_safetensors, publishing_file, 
 from ant_ray.fid import DomainClassifierConfig, FeatureStats, load_or_train_domain_classifier
 from ant_ray.merge import load_task_vector, save_task_vector
 from ant_ray.stages.pretrain import cache_lock
-from ant_ray.training import load_training_state, save_training_state
+from ant_ray.training import TrainingDiverged, load_training_state, save_training_state
 
 
 def tiny_model(seed: int = 0):
@@ -286,6 +286,25 @@ def test_damaged_checkpoint_is_one_line_error_and_restores_nothing(tmp_path):
     (folder / "state.json").unlink()
     with pytest.raises(CorruptFileError, match="state.json is missing"):
         load_training_state(folder, model=fresh_model, ema=fresh_ema, optimizer=fresh_optimizer)
+
+
+def test_a_non_finite_state_is_never_a_checkpoint(tmp_path):
+    """A loop that checks its loss every few steps may reach a checkpoint after diverging: the save refuses, and
+    the previous checkpoint stays (a resume from NaN would only diverge again)."""
+    folder = tmp_path / "state"
+    model, ema, optimizer = _training_objects(1)
+    save_training_state(folder, model=model, ema=ema, optimizer=optimizer, step=5)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")
+    with pytest.raises(TrainingDiverged, match=r"non-finite weights \(weight\); it was not saved"):
+        save_training_state(folder, model=model, ema=ema, optimizer=optimizer, step=10)
+    with torch.no_grad():
+        model.weight[0, 0], ema.bias[0] = 1.0, float("inf")
+    with pytest.raises(TrainingDiverged, match="EMA model"):
+        save_training_state(folder, model=model, ema=ema, optimizer=optimizer, step=10)
+    fresh = _training_objects(5)
+    assert load_training_state(folder, model=fresh[0], ema=fresh[1], optimizer=fresh[2])["step"] == 5
+    assert visible_entries(tmp_path) == ["state"]
 
 
 # ----------------------------------------------------------------------------------------------------- caches

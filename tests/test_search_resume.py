@@ -3,9 +3,11 @@ from its copy, the trial that had finished is not rerun, the same MLflow runs co
 folder), and the private Ray the killed driver started leaves no process behind. (Skipping the stages a search
 had finished is tested in test_search_e2e.py.)"""
 
+import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -14,8 +16,12 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from ant_ray.cli import main
 from ant_ray.config import load_config
-from ant_ray.search.chain import run_search
+from ant_ray.diffusion import build_model, load_model, model_is_complete, save_model
+from ant_ray.files import CorruptFileError
+from ant_ray.search.chain import hold_search_dir, prepare_search_dir, release_search_dir, run_search
+from ant_ray.search.outcome import StageOutcome
 from ant_ray.stages.ray_watchdog import alive, descendants, start_time
 
 SEARCH = [
@@ -85,6 +91,87 @@ def test_resume_after_killing_the_driver(tmp_path, capsys):
     assert all(r.info.status != "RUNNING" for r in runs)
     parent = next(r for r in runs if r.data.tags.get("ant_ray.stage") == "search")
     assert parent.info.status == "FINISHED" and parent.data.tags.get("ant_ray.resumed") == "True"
+
+
+def _cut(path: Path) -> bytes:
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])
+    return whole
+
+
+def _finished_search(tmp_path: Path):
+    """A finished ant-only search folder as run_search leaves it (its records, the ant winner, the winner model),
+    built directly: resuming a finished search reads only these, without Ray."""
+    cfg = load_config("search_spaces/quickstart.yaml", ["search.deme=null", "search.merge=null",
+                                                        f"output_dir={tmp_path / 'out'}"])
+    search_dir, state = prepare_search_dir(cfg, None)
+    ant_model = save_model(build_model(cfg.model.base, resolution=cfg.data.resolution, channels=cfg.data.channels),
+                           search_dir / "ant" / "trials" / "t1" / "ema")
+    metric = "fid50_domain"
+    StageOutcome(stage="ant", metric=metric, best_params={"ant.lr": 0.002}, best_score=40.0,
+                 winner={"model": str(ant_model), "intervals": [[0, 500], [500, 1000]], "trial_id": "t1"},
+                 run_id="stage-run", finished=1).save(search_dir / "ant" / "outcome.json")
+    save_model(load_model(ant_model), search_dir / "winner" / "model")
+    state.update(done=["ant"], stage_runs={"ant": "stage-run"}, parent_run_id="parent-run",
+                 finished={"final": {"metric": metric, "scores": [41.0]}, "seconds": 60.0, "runs_page": "page"})
+    (search_dir / "state.json").write_text(json.dumps(state, indent=1))
+    return cfg, search_dir, ant_model / "diffusion_pytorch_model.safetensors"
+
+
+def _cut(path: Path) -> bytes:
+    whole = path.read_bytes()
+    path.write_bytes(whole[:len(whole) // 2])
+    return whole
+
+
+def test_a_finished_search_checks_its_records_and_winner(tmp_path, capsys):
+    """A finished search resumes from its folder alone: a cut winner model is rebuilt from the stages' results,
+    never shown as valid; a cut record or stage winner names its file and the fix, in one line."""
+    cfg, search_dir, ant_weights = _finished_search(tmp_path)
+    result = run_search(cfg, resume=search_dir)
+    assert result.final.scores == [41.0] and model_is_complete(result.winner_model)
+    weights = result.winner_model / "diffusion_pytorch_model.safetensors"
+    whole = _cut(weights)
+    capsys.readouterr()
+    again = run_search(cfg, resume=search_dir)
+    assert "the winner model is damaged or missing" in capsys.readouterr().out
+    assert weights.read_bytes() == whole and model_is_complete(again.winner_model)  # the same weights, rebuilt
+    assert again.final.scores == [41.0]
+
+    ant_whole, _ = _cut(ant_weights), _cut(weights)
+    with pytest.raises(CorruptFileError) as error:
+        run_search(cfg, resume=search_dir)
+    assert str(error.value).startswith(f"{ant_weights} is truncated")
+    assert "the ant stage's winner (trial t1) cannot be rebuilt" in str(error.value) and "\n" not in str(error.value)
+    ant_weights.write_bytes(ant_whole)
+
+    for record, fix in ((search_dir / "ant" / "outcome.json", "delete it and resume the search"),
+                        (search_dir / "state.json", "start a new search")):
+        saved = _cut(record)
+        with pytest.raises(CorruptFileError) as error:
+            run_search(cfg, resume=search_dir)
+        message = str(error.value)
+        assert message.startswith(f"{record} is not valid JSON (") and fix in message and "\n" not in message
+        record.write_bytes(saved)
+    assert model_is_complete(run_search(cfg, resume=search_dir).winner_model)
+
+
+def test_a_search_folder_has_one_driver(tmp_path, capsys):
+    """A second driver of a folder (a resume from another terminal, a resubmitted job) stops in one line naming
+    the running driver, exit status 2, before it reads or writes anything of the folder."""
+    cfg = load_config("search_spaces/quickstart.yaml", ["output_dir=" + str(tmp_path / "out")])
+    search_dir, _ = prepare_search_dir(cfg, None)
+    running = hold_search_dir(search_dir)  # the first driver (flock: a second open file of this process conflicts)
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in search_dir.iterdir()}
+    try:
+        assert main(["search", "--resume", str(search_dir)]) == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith(f"error: {search_dir} is in use by another search driver (host "
+                               f"{socket.gethostname()}, PID {os.getpid()}, since ")
+        assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in search_dir.iterdir()} == before
+    finally:
+        release_search_dir(running)
+    release_search_dir(hold_search_dir(search_dir))  # free again once the first driver ends
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],

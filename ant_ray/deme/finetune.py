@@ -164,6 +164,12 @@ def train_diffusion(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                 metrics.update(outcome.metrics())
                 summary = {"fid": outcome.fid, "weights": outcome.weights, "step": done}
         if done % train.checkpoint_every == 0 or last:
+            # The ranks agree on divergence every 10 steps only, and a checkpoint may fall between: never save a
+            # diverged state (a NaN loss seen since, or weights made non-finite by this step's update).
+            diverged = diverged or _non_finite_weights(specialists, section)
+            if any_rank_diverged(diverged, world, device):
+                ray.train.report({"step": done, "diverged": 1})
+                return {"diverged": diverged or "another worker group's loss diverged"} if rank == 0 else None
             _report_with_checkpoint(metrics, leader, specialists, done)
         else:
             ray.train.report(metrics)
@@ -371,6 +377,18 @@ def _gather_ema_states(specialists: list[_Specialist], rank: int, group_sizes: l
     if rank % per_model == 0:
         for state in own:
             dist.send(torch.cat([state[k].reshape(-1).float() for k in keys]).to(device), dst=0)
+    return None
+
+
+def _non_finite_weights(specialists: list[_Specialist], section: str) -> str | None:
+    """The one-line reason to stop if a specialist's weights are no longer finite, else None."""
+    from ant_ray.training.divergence import TrainingDiverged, check_finite_weights
+
+    for s in specialists:
+        try:
+            check_finite_weights(s.model.state_dict(), f"{section} specialist {s.index}")
+        except TrainingDiverged as err:
+            return str(err)
     return None
 
 

@@ -10,9 +10,11 @@ MLflow runs are continued.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
+import socket
 import shutil
 import time
 import uuid
@@ -26,7 +28,8 @@ from ant_ray.config import PipelineConfig, ResourcesConfig
 from ant_ray.data import ImageDataset, save_image_grid
 from ant_ray.diffusion import build_model, load_model, model_denoiser, save_model
 from ant_ray.evaluation import FIDScorer, load_reference_dataset, metric_name
-from ant_ray.files import publish_text
+from ant_ray.diffusion.models import check_model_folder
+from ant_ray.files import CorruptFileError, check_safetensors, publish_text, read_json
 from ant_ray.merge import TaskVectorMerger, load_task_vector, state_dict_fingerprint
 from ant_ray.search.merge_stage import MergePlan, check_task_vectors, run_merge_stage
 from ant_ray.search.outcome import StageOutcome
@@ -42,6 +45,11 @@ from ant_ray.tracking import (TrackedRun, check_tracking_store, flatten, save_ru
 from ant_ray.training import worker_groups
 
 STATE_FILE = "state.json"
+LOCK_FILE = "driver.lock"  # held (flock) by the one driver of a search folder, for as long as it runs
+
+
+class SearchFolderInUse(ValueError):
+    """Another driver runs this search folder; the message names the folder, its host and PID, and what to do."""
 
 
 # ------------------------------------------------------------------------------------------------ before anything
@@ -125,13 +133,69 @@ def prepare_search_dir(cfg: PipelineConfig, resume: Path | None) -> tuple[Path, 
     if not (saved.is_file() and (search_dir / STATE_FILE).is_file()):
         raise ValueError(f"--resume {search_dir} is not a search folder (expected config.yaml and {STATE_FILE}, "
                          f"as in {cfg.output_path() / 'searches'}/<name>-<date>-<id>)")
-    differences = config_differences(PipelineConfig.model_validate(yaml.safe_load(saved.read_text())), cfg)
+    try:
+        saved_cfg = PipelineConfig.model_validate(yaml.safe_load(saved.read_text()))
+    except (yaml.YAMLError, ValueError) as error:
+        raise CorruptFileError(saved, f"is not the search's configuration ({type(error).__name__}: {error})",
+                               "put back the config.yaml the search wrote, or start a new search") from None
+    differences = config_differences(saved_cfg, cfg)
     if differences:
         shown = "; ".join(differences[:3]) + (f"; and {len(differences) - 3} more" if len(differences) > 3 else "")
         raise ValueError(f"--resume {search_dir}: that search used another configuration ({shown}); resume with "
                          "--resume alone (it reads the search's own config.yaml) or with the same config and --set "
                          "overrides, or start a new search")
-    return search_dir, json.loads((search_dir / STATE_FILE).read_text())
+    return search_dir, read_json(search_dir / STATE_FILE, fix=(
+        "it is the search's record of its finished stages and MLflow runs and cannot be rebuilt: start a new "
+        "search from the same config"))
+
+
+def hold_search_dir(search_dir: Path) -> int:
+    """Take the search folder for this driver until it exits (or `release_search_dir`): an exclusive flock on
+    its lock file, which the kernel drops when the process dies, even by kill -9. A second driver (a resume from
+    another terminal, a resubmitted job) gets SearchFolderInUse naming the running one, before it touches
+    anything. (flock is per host on some network filesystems: drivers on two hosts are not told apart there.)"""
+    path = search_dir / LOCK_FILE
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(descriptor, 200, 0).decode(errors="replace").strip() or "unknown host and PID"
+        os.close(descriptor)
+        raise SearchFolderInUse(f"{search_dir} is in use by another search driver ({holder}); wait for it to end "
+                                "or stop it, then resume") from None
+    os.ftruncate(descriptor, 0)
+    os.pwrite(descriptor, f"host {socket.gethostname()}, PID {os.getpid()}, since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    return descriptor
+
+
+def release_search_dir(descriptor: int) -> None:
+    os.close(descriptor)  # closing drops the flock; the file stays (removing it would race a waiting driver)
+
+
+def _check_winner_files(outcome: StageOutcome, search_dir: Path) -> None:
+    """The files a finished stage's winner left for the next stage and the final model are whole: a truncated or
+    missing one fails in one line naming it, not later as 'no trial of the next stage finished'."""
+    fix = (f"the {outcome.stage} stage's winner (trial {outcome.winner.get('trial_id', '?')}) cannot be rebuilt in "
+           f"this folder: restore the file, or start a new search from {search_dir / 'config.yaml'}")
+    folders = [outcome.winner[key] for key in ("model", "base_model") if outcome.winner.get(key)]
+    for folder in folders:
+        try:
+            check_model_folder(folder)
+        except CorruptFileError as error:
+            raise CorruptFileError(error.path, error.problem, fix) from None
+        except FileNotFoundError as error:
+            raise CorruptFileError(folder, f"is not a whole model folder ({error})", fix) from None
+    for path in outcome.winner.get("task_vectors") or []:
+        if not Path(path).is_file():
+            raise CorruptFileError(path, "is missing", fix)
+        check_safetensors(path, fix=fix)
+
+
+def _load_outcome(search_dir: Path, stage: str) -> StageOutcome:
+    outcome = StageOutcome.load(search_dir / stage / "outcome.json")
+    _check_winner_files(outcome, search_dir)
+    return outcome
 
 
 def fid_metrics(cfg: PipelineConfig) -> list[str]:
@@ -158,17 +222,31 @@ def _save_state(search_dir: Path, state: dict) -> None:
 def run_search(cfg: PipelineConfig, *, resume: Path | None = None,
                log: Callable[[str], None] = log_line) -> SearchResult:
     started = time.time()
-    if resume is not None:
-        search_dir, state = prepare_search_dir(cfg, resume)
-        if state.get("finished"):
-            log(f"search folder: {search_dir}")
-            log("this search had finished: nothing to resume; its result as it was saved")
-            return _finished_result(cfg, search_dir, state)
-    dataset = check_search_inputs(cfg)
-    check_output_dir(cfg.output_path())
-    check_tracking_store(cfg.tracking_uri())  # an unreachable server fails here, in seconds, not after minutes
-    if resume is None:
-        search_dir, state = prepare_search_dir(cfg, None)
+    lock = None
+    try:
+        if resume is not None:
+            # one driver per folder: the second one stops here, before it reads or writes anything
+            lock = hold_search_dir(Path(resume).expanduser().resolve()) if (Path(resume) / "config.yaml").is_file() \
+                else None
+            search_dir, state = prepare_search_dir(cfg, resume)
+            if state.get("finished"):
+                log(f"search folder: {search_dir}")
+                log("this search had finished: nothing to resume; its result as it was saved")
+                return _finished_result(cfg, search_dir, state, log)
+        dataset = check_search_inputs(cfg)
+        check_output_dir(cfg.output_path())
+        check_tracking_store(cfg.tracking_uri())  # an unreachable server fails here, in seconds, not after minutes
+        if resume is None:
+            search_dir, state = prepare_search_dir(cfg, None)
+            lock = hold_search_dir(search_dir)
+        return _run_search(cfg, search_dir, state, dataset, resume, started, log)
+    finally:
+        if lock is not None:
+            release_search_dir(lock)
+
+
+def _run_search(cfg: PipelineConfig, search_dir: Path, state: dict, dataset: ImageDataset, resume: Path | None,
+                started: float, log: Callable[[str], None]) -> SearchResult:
     log(f"search folder: {search_dir}")
     uri = cfg.tracking_uri()
     out = cfg.output_path()
@@ -215,7 +293,7 @@ def run_search(cfg: PipelineConfig, *, resume: Path | None = None,
         for stage in cfg.search.stages():
             saved = search_dir / stage / "outcome.json"
             if stage in state["done"] and saved.is_file():
-                outcomes[stage] = StageOutcome.load(saved)
+                outcomes[stage] = _load_outcome(search_dir, stage)
                 log(f"{stage} stage: done before the interruption, kept")
                 continue
             run = adopt_or_start(stage, f"{stage}-search", parent.run_id, {"ant_ray.stage": f"{stage}_search"})
@@ -284,13 +362,23 @@ def _merge(cfg: PipelineConfig, setup: StageSetup, deme: StageOutcome | None) ->
                            merge=cfg.merge_search)
 
 
-def _finished_result(cfg: PipelineConfig, search_dir: Path, state: dict) -> SearchResult:
-    """A finished search's result from its folder, touching nothing else: no Ray, no scoring, no MLflow."""
+def _finished_result(cfg: PipelineConfig, search_dir: Path, state: dict,
+                     log: Callable[[str], None] = log_line) -> SearchResult:
+    """A finished search's result from its folder, touching nothing else: no Ray, no scoring, no MLflow. Every
+    record is checked; a damaged or missing winner model is rebuilt from the stages' results (the same weights
+    the saved scores were measured on)."""
     final = state["finished"]["final"]
+    stages = {stage: StageOutcome.load(search_dir / stage / "outcome.json") for stage in cfg.search.stages()}
+    winner = search_dir / "winner" / "model"
+    try:
+        check_model_folder(winner)
+    except (CorruptFileError, FileNotFoundError) as error:
+        _check_winner_files(stages[cfg.search.stages()[-1]], search_dir)  # what the rebuild reads
+        log(f"the winner model is damaged or missing ({error}); rebuilding it from the stages' results")
+        _save_winner(cfg, stages, search_dir)
     result = SearchResult(search_dir=search_dir, tracking_uri=cfg.tracking_uri(), parent_run_id=state["parent_run_id"],
-                          stages={stage: StageOutcome.load(search_dir / stage / "outcome.json")
-                                  for stage in cfg.search.stages()},
-                          winner_model=search_dir / "winner" / "model",
+                          stages=stages,
+                          winner_model=winner,
                           final=RepeatedScore(metric=final["metric"], scores=final["scores"]),
                           final_images=cfg.search.final.num_samples * len(cfg.search.final.seeds),
                           stage_run_ids=dict(state["stage_runs"]), runs_page=state["finished"]["runs_page"])

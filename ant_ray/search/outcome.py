@@ -11,7 +11,7 @@ from typing import Any
 
 import pandas as pd
 
-from ant_ray.files import publish_text
+from ant_ray.files import CorruptFileError, publish_text, read_json
 
 
 class SearchStageFailed(RuntimeError):
@@ -43,7 +43,15 @@ class StageOutcome:
 
     @classmethod
     def load(cls, path: Path) -> "StageOutcome":
-        return cls(**json.loads(path.read_text()))
+        """One line naming the file if it is cut or not a stage's outcome: the stage's finished trials are kept,
+        so deleting it makes the resume collect the outcome again."""
+        stage = Path(path).parent.name
+        fix = f"delete it and resume the search: the {stage} stage's outcome is collected again from its trials"
+        record = read_json(path, fix=fix)
+        try:
+            return cls(**record)
+        except TypeError as error:  # a missing or unknown field
+            raise CorruptFileError(path, f"is not a stage's outcome ({error})", fix) from None
 
 
 def fate(result: dict[str, Any], error: bool, final_step: int, step_key: str = "step") -> str:

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from ant_ray.files import CorruptFileError, publishing_folder, read_json, read_safetensors
+from ant_ray.training.divergence import check_finite_weights
 
 _TENSOR_FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors")
 _REQUIRED_FILES = _TENSOR_FILES + ("state.json",)
@@ -52,8 +53,11 @@ def save_training_state(folder: str | Path, *, model: torch.nn.Module, ema: torc
                         extra_tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Write into a sibling temporary folder, then publish it whole (`ant_ray.files.publishing_folder`): a crash
     never leaves half a checkpoint at `folder`, and a previous checkpoint there stays until the new one replaces
-    it."""
+    it. Non-finite weights raise TrainingDiverged and nothing is written."""
     folder = Path(folder)
+    # A diverged state is never a checkpoint: a resume from it would only diverge again (or train on from NaN).
+    check_finite_weights(model.state_dict(), f"the checkpoint's model for {folder}")
+    check_finite_weights(ema.state_dict(), f"the checkpoint's EMA model for {folder}")
     with publishing_folder(folder) as temporary:
         save_file(_contiguous(model.state_dict()), temporary / "model.safetensors")
         save_file(_contiguous(ema.state_dict()), temporary / "ema.safetensors")
