@@ -3,6 +3,7 @@ from its copy, the trial that had finished is not rerun, the same MLflow runs co
 folder), and the private Ray the killed driver started leaves no process behind. (Skipping the stages a search
 had finished is tested in test_search_e2e.py.)"""
 
+import errno
 import json
 import os
 import re
@@ -20,8 +21,9 @@ from ant_ray.cli import main
 from ant_ray.config import load_config
 from ant_ray.diffusion import build_model, load_model, model_is_complete, save_model
 from ant_ray.files import CorruptFileError
+from ant_ray.search import chain
 from ant_ray.search.chain import hold_search_dir, prepare_search_dir, release_search_dir, run_search
-from ant_ray.search.outcome import StageOutcome
+from ant_ray.search.outcome import SearchStageFailed, StageOutcome
 from ant_ray.stages.ray_watchdog import alive, descendants, start_time
 
 SEARCH = [
@@ -201,3 +203,19 @@ def test_a_signal_stops_a_search_cleanly(tmp_path, signum):
     runs = client.search_runs([client.get_experiment_by_name("ant_ray-quickstart").experiment_id])
     by_stage = {r.data.tags.get("ant_ray.stage"): r for r in runs}
     assert by_stage["search"].info.status == "KILLED" and by_stage["ant_search"].info.status == "KILLED"
+
+
+def test_a_full_disk_on_the_driver_is_one_line(tmp_path, monkeypatch):
+    """The driver's own writes (its records, the winner) on a full disk: one line as a failed stage is shown
+    (the CLI prints it, exit status 1), the cause attached."""
+    cfg, search_dir, _ = _finished_search(tmp_path)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(chain, "_finished_result", full)
+    with pytest.raises(SearchStageFailed) as error:
+        run_search(cfg, resume=search_dir)
+    assert str(error.value) == (f"no space left on device ([Errno 28] No space left on device); free space in "
+                                f"{cfg.output_path()} and continue with --resume")
+    assert isinstance(error.value.__cause__, OSError)

@@ -29,10 +29,10 @@ from ant_ray.data import ImageDataset, save_image_grid
 from ant_ray.diffusion import build_model, load_model, model_denoiser, save_model
 from ant_ray.evaluation import FIDScorer, load_reference_dataset, metric_name
 from ant_ray.diffusion.models import check_model_folder
-from ant_ray.files import CorruptFileError, check_safetensors, publish_text, read_json
+from ant_ray.files import CorruptFileError, DiskFull, check_safetensors, is_disk_full, publish_text, read_json
 from ant_ray.merge import TaskVectorMerger, load_task_vector, state_dict_fingerprint
 from ant_ray.search.merge_stage import MergePlan, check_task_vectors, run_merge_stage
-from ant_ray.search.outcome import StageOutcome
+from ant_ray.search.outcome import SearchStageFailed, StageOutcome
 from ant_ray.search.plots import merge_landscape, study_figures
 from ant_ray.search.result import SearchResult
 from ant_ray.search.training_stage import run_training_stage
@@ -240,6 +240,12 @@ def run_search(cfg: PipelineConfig, *, resume: Path | None = None,
             search_dir, state = prepare_search_dir(cfg, None)
             lock = hold_search_dir(search_dir)
         return _run_search(cfg, search_dir, state, dataset, resume, started, log)
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        # a full disk on the driver (its records, the winner, caches): one line, as a failed stage is shown
+        raise SearchStageFailed(str(err) if isinstance(err, DiskFull) else (
+            f"no space left on device ({err}); free space in {cfg.output_path()} and continue with --resume")) from err
     finally:
         if lock is not None:
             release_search_dir(lock)
@@ -345,7 +351,10 @@ def _run_search(cfg: PipelineConfig, search_dir: Path, state: dict, dataset: Ima
             run.set_tags({"ant_ray.failure": f"{type(err).__name__}: {err}"[:500]})
             run.finish(status)
         state["seconds_before_resume"] = state.get("seconds_before_resume", 0.0) + time.time() - started
-        _save_state(search_dir, state)
+        try:
+            _save_state(search_dir, state)
+        except OSError:  # a full disk: the record as it was still holds every finished stage
+            pass
         why = {KeyboardInterrupt: "interrupted", SystemExit: "terminated"}.get(type(err), type(err).__name__)
         log(f"search stopped ({why}); its folder is {search_dir}; continue it with: {command('ant-ray')} search "
             f"--resume {search_dir}")
