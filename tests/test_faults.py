@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from ray import cloudpickle
 from ray.cluster_utils import Cluster
 from ray.exceptions import RayTaskError
+from ray.train.v2.api.exceptions import WorkerGroupError
 from ray.util.state import list_actors
 
 from ant_ray.cli import _print_table, main
@@ -120,6 +121,10 @@ def test_a_failed_run_reports_its_cause_in_one_line():
     nested = TrainingRunFailed("deme-1", "ant diverged: the loss is nan at step 3", diverged=True)
     assert failure_cause(RayTaskError("f", "tb", nested).as_instanceof_cause()) == (nested.reason, True, "")
     assert failure_cause(ValueError("Traceback:\n  File y\nKeyError: 'w3'"))[0] == "KeyError: 'w3'"
+    # Ray Train's error for a run whose rank 0 hit a full disk while saving its checkpoint
+    full = DiskFull("no space left on device writing /runs/ckpt: it needs more than the 0.0 MB free on /runs")
+    run_error = WorkerGroupError("Training failed due to worker errors", {0: full, 1: RuntimeError("peer lost")})
+    assert failure_cause(run_error) == (str(full), False, "disk_full")
 
 
 # ------------------------------------------------------------------------------------------------ the cluster
