@@ -9,11 +9,16 @@ from ant_ray.config import ConfigError, PipelineConfig, load_config
 __version__ = "0.1.0"  # equal to pyproject.toml's (tests/test_deploy_files.py)
 
 
-def launch_search(config_or_path, overrides=None, resume=None):
+def launch_search(config_or_path=None, overrides=None, resume=None):
     """Run the search a config's ``search:`` section describes and return a ``SearchResult``: per stage the best
     values and score (``.best``, ``.scores``), the final winner's FID with its 95% interval (``.final``), the
     winner's diffusers folder (``.winner_model``), the MLflow run ids (``.parent_run_id``, ``.stage_run_ids``) and a
-    pandas DataFrame of every trial (``.trials``). ``resume``: a search folder to continue.
+    pandas DataFrame of every trial (``.trials``: one row per trial of every stage, with the columns stage,
+    trial_id, fate, metric, score, step or fidelity, then the searched values).
+
+    ``resume``: the folder of a search to continue (``<output_dir>/searches/<name>-<date>-<id>``, as the search
+    printed). Pass it alone, ``launch_search(resume=folder)``: the search's own config.yaml is read from the
+    folder. A config given with it must be the one the search used (overrides may change only where Ray runs).
 
     Example (about 8 minutes on 2 CPU cores)::
 
@@ -23,15 +28,26 @@ def launch_search(config_or_path, overrides=None, resume=None):
         print(result.table())
         print(result.best["ant"], result.scores["merge"], result.winner_model)
         print(result.trials[["stage", "fate"]].value_counts())
+        again = ant_ray.launch_search(resume=result.search_dir)  # a finished search: its saved result
     """
     from pathlib import Path
+
+    if isinstance(overrides, str):  # one "key=value", not its characters
+        overrides = [overrides]
+    if config_or_path is None:
+        if resume is None:
+            raise ConfigError("launch_search needs a config (a YAML path or a PipelineConfig), or resume=<the folder "
+                              "of a search to continue>")
+        folder = Path(resume).expanduser()
+        if not (folder / "config.yaml").is_file():
+            raise ConfigError(f"resume={str(resume)!r} is not a search folder (it has no config.yaml); pass the folder "
+                              "the search printed, <output_dir>/searches/<name>-<date>-<id>")
+        config_or_path = folder / "config.yaml"  # the search's own configuration
 
     from ant_ray.search.chain import run_search
     from ant_ray.stages.ray_logs import quiet_driver_logs
 
     quiet_driver_logs()  # the terminal shows what `ant-ray search` shows; ANT_RAY_VERBOSE=1 shows everything
-    if isinstance(overrides, str):  # one "key=value", not its characters
-        overrides = [overrides]
 
     if isinstance(config_or_path, PipelineConfig):
         from ant_ray.config import config_from_dict

@@ -10,9 +10,12 @@ itself retries an unreachable server silently for minutes).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import http.client
 import json
+import logging
 import math
 import os
 import re
@@ -25,9 +28,10 @@ import urllib.request
 import warnings
 from base64 import b64encode
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from ant_ray.commands import command
@@ -40,21 +44,58 @@ from ant_ray.files import publish_text
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 
 
+def sqlite_path(tracking_uri: str) -> Path | None:
+    """The database file of a sqlite:/// URI (sqlite:///relative.db, sqlite:////absolute.db); None for other
+    stores and in-memory databases."""
+    if not tracking_uri.startswith("sqlite:"):
+        return None
+    path_text = urllib.parse.urlsplit(tracking_uri).path.removeprefix("/")
+    return None if path_text in ("", ":memory:") else Path(path_text).expanduser()
+
+
+@contextlib.contextmanager
+def store_setup_lock(tracking_uri: str) -> Iterator[None]:
+    """Held while a SQLite store is opened for the first time and its experiment created: MLflow creates a new
+    database's tables when a process first opens it, and two searches starting together on a new store would
+    both create them (the second dies: "table experiments already exists"). A lock file beside the database,
+    <name>.db.lock; other stores need none."""
+    path = sqlite_path(tracking_uri)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def setup_experiment(tracking_uri: str, experiment: str, artifact_root: Path) -> str:
     """Create (or reuse) the experiment on the driver and return its id. Artifacts go to an explicit folder so
     they never land in a temporary working directory (as under `ray job submit`). Every call names its store
     explicitly: `mlflow.set_tracking_uri` would also set MLFLOW_TRACKING_URI in this process's environment, and a
-    later search with another output directory (or any subprocess) would then log into this store."""
-    client = MlflowClient(tracking_uri)
-    found = client.get_experiment_by_name(experiment)
-    if found is not None:
-        experiment_id = found.experiment_id
-    else:
-        artifact_location = None
-        if not tracking_uri.startswith(("http://", "https://", "databricks")):
-            artifact_root.mkdir(parents=True, exist_ok=True)
-            artifact_location = artifact_root.resolve().as_uri()
-        experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
+    later search with another output directory (or any subprocess) would then log into this store. Searches that
+    start together on one store each get the one experiment (`store_setup_lock`)."""
+    quiet_mlflow()
+    with store_setup_lock(tracking_uri):
+        client = MlflowClient(tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+        if found is not None:
+            experiment_id = found.experiment_id
+        else:
+            artifact_location = None
+            if not tracking_uri.startswith(("http://", "https://", "databricks")):
+                artifact_root.mkdir(parents=True, exist_ok=True)
+                artifact_location = artifact_root.resolve().as_uri()
+            try:
+                experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
+            except MlflowException as error:  # a server: another search created it since we looked
+                found = client.get_experiment_by_name(experiment)
+                if found is None or error.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+                experiment_id = found.experiment_id
     # The kind of experiment for MLflow 3 UIs that read it. MLflow 3.17's UI ignores it and opens every experiment
     # on its GenAI overview unless the URL says workflowType=machine_learning: the links ant_ray prints do
     # (`save_runs_view`).
@@ -68,14 +109,15 @@ RUNS_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 _OWN_VIEW = "ant_ray-"  # the rest of the names of the views ant_ray saves
 
 
-def save_runs_view(tracking_uri: str, experiment_id: str, metrics: Iterable[str]) -> str:
+def save_runs_view(tracking_uri: str, experiment_id: str, metrics: Iterable[str], params: Iterable[str] = ()) -> str:
     """Save a view of the experiment's runs table that shows the given metric columns (the UI shows none by
-    default) and the Dataset column, and return the page that opens it: the runs table of the "Model training"
-    workflow, e.g. "#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=ant_ray-0123456789ab",
-    to append to the UI's address. The tree of runs (search, stages, trials, training runs) opens with the +
-    beside each parent; a view cannot open it."""
-    metrics = list(dict.fromkeys(metrics))
-    columns = [f"metrics.`{m}`" for m in metrics] + ["attributes.`Dataset`"]
+    default), then the given param columns (the searched values, so that trials compare row by row), and the
+    Dataset column, and return the page that opens it: the runs table of the "Model training" workflow, e.g.
+    "#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=ant_ray-0123456789ab", to append to the
+    UI's address. The tree of runs (search, stages, trials, training runs) opens with the + beside each parent; a
+    view cannot open it. A param no run has logged yet shows no column."""
+    metrics, params = list(dict.fromkeys(metrics)), list(dict.fromkeys(params))
+    columns = [f"metrics.`{m}`" for m in metrics] + [f"params.`{p}`" for p in params] + ["attributes.`Dataset`"]
     # MLflow 3.17's column ids; the metrics come right after the pinned checkbox, run name and start time ("0",
     # "runDateAndNestInfo"), and run names get the width that training runs' names need.
     state = {"selectedColumns": columns,
@@ -86,7 +128,8 @@ def save_runs_view(tracking_uri: str, experiment_id: str, metrics: Iterable[str]
     client = MlflowClient(tracking_uri)
     if RUNS_VIEW_TAG_PREFIX + key not in client.get_experiment(experiment_id).tags:
         now = int(time.time() * 1000)
-        view = {"name": f"ant_ray: {', '.join(metrics)}", "createdAt": now, "updatedAt": now, "state": state_text}
+        name = f"ant_ray: {', '.join(metrics)}" + (f" + {', '.join(params)}" if params else "")
+        view = {"name": name[:250], "createdAt": now, "updatedAt": now, "state": state_text}
         client.set_experiment_tag(experiment_id, RUNS_VIEW_TAG_PREFIX + key, json.dumps(view))
     return _runs_page(experiment_id, key)
 
@@ -108,10 +151,32 @@ def _runs_page(experiment_id: str, view_key: str) -> str:
     return f"#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={view_key}"
 
 
+def run_page(experiment_id: str, run_id: str) -> str:
+    """The page of one run in the "Model training" workflow, to append to the UI's address. MLflow 3.17 keeps the
+    last workflow in the browser and starts on GenAI: without workflowType a run page opens in the GenAI
+    navigation."""
+    return f"#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def quiet_mlflow() -> None:
+    """MLflow's own terminal output off, unless ANT_RAY_VERBOSE=1 (`ant-ray --verbose`). With a tracking server,
+    MLflow's client prints "View run ... at" and "View experiment at" whenever a run ends, and urllib3 logs
+    "Retrying ..." while the server does not answer; in a Ray worker no logging is configured, so both reach the
+    terminal. Called in every process that talks to MLflow through this module (driver, trials, workers); what
+    goes wrong for good still raises."""
+    if os.environ.get("ANT_RAY_VERBOSE", "0") == "1":
+        return
+    os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"  # read by MLflow whenever a run ends
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+    if logging.getLogger("mlflow").getEffectiveLevel() < logging.WARNING:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
 class TrackedRun:
     """A handle on one MLflow run that any process can reconstruct from (tracking_uri, run_id)."""
 
     def __init__(self, tracking_uri: str, run_id: str):
+        quiet_mlflow()
         self.tracking_uri = tracking_uri
         self.run_id = run_id
         self.client = MlflowClient(tracking_uri)
@@ -208,6 +273,38 @@ class TrackedRun:
         self.client.update_run(self.run_id, status="RUNNING")
 
 
+def end_open_runs(tracking_uri: str, experiment_id: str, root_run_id: str, status: str, reason: str) -> int:
+    """End every run under ``root_run_id`` (its children, their children, ...) that is still RUNNING, with
+    ``status`` and the reason as the `ant_ray.failure` tag; returns how many. A search stopped by a signal (or an
+    error) calls this for its own runs: trials and Ray Train runs of the trials that were running when it stopped
+    would otherwise stay RUNNING, as their processes were killed with the search. Runs of other searches in the
+    experiment (running ones too) are not touched: a run is ended only if its chain of parents leads to the root."""
+    client = MlflowClient(tracking_uri)
+    running = client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=5000)
+    parent_of = {run.info.run_id: run.data.tags.get("mlflow.parentRunId") for run in running}
+
+    def under_root(run_id: str) -> bool:
+        seen = set()
+        while run_id and run_id not in seen:  # a few levels: search -> stage -> trial -> training run
+            seen.add(run_id)
+            parent = parent_of.get(run_id)
+            if parent is None and run_id not in parent_of:  # a parent that is no longer RUNNING: look it up
+                parent = parent_of[run_id] = client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+            if parent == root_run_id:
+                return True
+            run_id = parent
+        return False
+
+    ended = 0
+    for run in running:
+        if run.info.run_id != root_run_id and under_root(run.info.run_id):
+            tracked = TrackedRun(tracking_uri, run.info.run_id)
+            tracked.set_tags({"ant_ray.failure": reason[:500]})
+            tracked.finish(status)
+            ended += 1
+    return ended
+
+
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in params.items():
@@ -234,15 +331,25 @@ def loss_curve_figure(steps: Iterable[int], losses: Iterable[float], title: str)
     return fig
 
 
+def ui_address(tracking_uri: str) -> str | None:
+    """Where the UI on this store answers: the tracking server (credentials hidden), or for a SQLite store the UI
+    that `mlflow ui` / `ant-ray ui` start (http://127.0.0.1:5000); None for other stores."""
+    if tracking_uri.startswith("sqlite:"):
+        return "http://127.0.0.1:5000"
+    if tracking_uri.startswith(("http://", "https://")):
+        return redact_credentials({"uri": tracking_uri})["uri"].rstrip("/")
+    return None
+
+
 def ui_command(tracking_uri: str, page: str | None = None) -> str:
     """How to look at the runs: the command that starts the UI on a SQLite store, and the address of ``page``
-    (from `save_runs_view`) on it or on the tracking server."""
+    (from `save_runs_view` or `run_page`) on it or on the tracking server."""
     shown = redact_credentials({"uri": tracking_uri})["uri"]
     if tracking_uri.startswith("sqlite:"):
         ui = f"{command('mlflow')} ui --backend-store-uri {tracking_uri}"
-        return f"{ui}, then open http://127.0.0.1:5000/{page}" if page else ui
+        return f"{ui}, then open {ui_address(tracking_uri)}/{page}" if page else ui
     if page and tracking_uri.startswith(("http://", "https://")):
-        return f"open {shown.rstrip('/')}/{page}"
+        return f"open {ui_address(tracking_uri)}/{page}"
     return f"open {shown} (MLFLOW_TRACKING_URI) in a browser"
 
 
@@ -382,10 +489,9 @@ def _tls_context() -> ssl.SSLContext | None:
 
 def _check_sqlite_store(uri: str) -> None:
     """sqlite:///relative.db, sqlite:////absolute.db; sqlite:// and sqlite:///:memory: are in-memory."""
-    path_text = urllib.parse.urlsplit(uri).path.removeprefix("/")
-    if path_text in ("", ":memory:"):
+    path = sqlite_path(uri)
+    if path is None:
         return
-    path = Path(path_text).expanduser()
     fix = ("choose a writable place with tracking.uri or MLFLOW_TRACKING_URI (or output_dir, for the default "
            "store)")
 

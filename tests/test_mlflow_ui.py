@@ -1,6 +1,6 @@
 """What a person sees in the MLflow UI: the page ant_ray prints opens the runs table of the "Model training"
 workflow (not MLflow 3's GenAI overview), where the search's runs open as a tree (search -> stage -> trial ->
-training run) and the FID and Dataset columns show.
+training run) and the FID, searched-value and Dataset columns show.
 
 Checked in headless Chromium, driven over the DevTools protocol (to open the tree as a person would, with the +
 beside each parent), against `mlflow server` on a store with a search's shape of runs, logged by ant_ray's own
@@ -127,13 +127,14 @@ def search_store(tmp_path_factory):
     stage = TrackedRun.start(uri, experiment, "ant-search", parent_run_id=search.run_id)
     stage.log_metrics({"fid100_domain": 387.847})
     trial = TrackedRun.start(uri, experiment, "ant-trial-00000", parent_run_id=stage.run_id)
+    trial.log_params({"ant.method": "nash_mtl"})  # a searched value: a column of the saved view
     trial.log_metrics({"fid100_domain": 387.847}, step=60)
     train = TrackedRun.start(uri, experiment, "ant-train-00000", parent_run_id=trial.run_id)
     for step, loss in ((30, 1.36), (60, 1.32)):
         train.log_metrics({"loss": loss}, step=step)
     for run in (train, trial, stage, search):
         run.finish()
-    return uri, save_runs_view(uri, experiment, ["fid100_domain", "loss"])
+    return uri, save_runs_view(uri, experiment, ["fid100_domain", "loss"], ["ant.method", "w0"])
 
 
 @pytest.fixture(scope="module")
@@ -202,5 +203,6 @@ def test_printed_page_opens_the_runs_tree_with_its_fid_column(search_store, mlfl
     assert "Overview" not in text and "Training runs" not in text, f"opened MLflow's GenAI pages {where}"
     assert shown, f"the tree of runs did not open to the training run {where}"
     assert "fid100_domain" in headers and "loss" in headers, f"metric columns {headers} {where}"
+    assert "ant.method" in headers and "nash_mtl" in text, f"the searched value's column {headers} {where}"
     assert "327.804" in text, f"the search's FID is not in its row {where}"
     assert "digits-8px" in text, f"the dataset is not in the Dataset column {where}"

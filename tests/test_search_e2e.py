@@ -2,11 +2,14 @@
 ant (a 2-point grid whose second point trains too slowly, so ASHA stops it) -> deme (ranges from the ant
 winner's intervals) -> merge (successive halving over 50 -> 100 samples, anchors first) -> final score."""
 
+import json
 import math
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+
+import ant_ray
 
 from ant_ray.config import load_config
 from ant_ray.diffusion import load_model
@@ -60,11 +63,20 @@ def test_result_names_every_stage(search):
     assert load_model(result.winner_model).config.sample_size == 8  # saved in diffusers format
     trials = result.trials
     assert set(trials["stage"]) == {"ant", "deme", "merge"}
+    # one schema for every stage, then the stages' parameters
+    assert list(trials.columns) == ["stage", "trial_id", "fate", "metric", "score", "step", "fidelity", "ant.lr",
+                                    "finetune.p", "w0", "w1"]
+    assert trials["trial_id"].notna().all() and trials["fate"].notna().all() and trials["score"].notna().all()
     ant = trials[trials["stage"] == "ant"]
     assert list(ant["fate"]) == ["finished", "stopped_early"]  # ASHA stopped the lr=0.003 trial at step 30
     assert ant[ant["fate"] == "stopped_early"]["step"].item() == 30
+    assert set(ant["metric"]) == {"fid100_domain"}
+    merge = trials[trials["stage"] == "merge"]  # a candidate per row, at the last fidelity it reached
+    assert len(merge) == 5 and sorted(merge["fate"]) == ["finished"] * 2 + ["stopped_early"] * 3
+    assert set(merge[merge["fate"] == "finished"]["fidelity"]) == {100}
     table = result.table()
-    for text in ("ant", "1 stopped early", "weights", "final: fid100_domain", "winner model", "mlflow ui"):
+    for text in ("ant", "1 stopped early", "weights", "final: fid100_domain", "winner model", "mlflow ui",
+                 "search run (figures, trials table): http://127.0.0.1:5000/#/experiments/"):
         assert text in table
 
 
@@ -81,7 +93,7 @@ def test_mlflow_nests_search_stages_trials_and_train_runs(search):
     ant_trials = {r.info.run_id: r for r in by_stage["ant_trial"]}
     assert len(ant_trials) == 2 and len(by_stage["deme_trial"]) == 1
     stopped = [r for r in ant_trials.values() if r.data.tags.get("ant_ray.fate") == "stopped_early"]
-    assert len(stopped) == 1 and stopped[0].info.status == "KILLED"
+    assert len(stopped) == 1 and stopped[0].info.status == "FINISHED"  # KILLED is for signals
     for trial in ant_trials.values():
         assert {"ant_ray.k", "ant_ray.method", "ant_ray.clustering", "ant_ray.fid_extractor",
                 "ant_ray.fidelity"} <= set(trial.data.tags)
@@ -103,7 +115,15 @@ def test_mlflow_nests_search_stages_trials_and_train_runs(search):
     (merge_run,) = by_stage["merge_search"]
     figures = {a.path for a in client.list_artifacts(merge_run.info.run_id, "figures")}
     assert {"figures/merge_landscape.png", "figures/optimization_history.png"} <= figures
-    assert all(r.info.status in ("FINISHED", "KILLED") for r in runs)
+    on_parent = {a.path for a in client.list_artifacts(parent.info.run_id, "figures/merge")}
+    assert {"figures/merge/merge_landscape.png", "figures/merge/optimization_history.png"} <= on_parent
+    assert all(r.info.status == "FINISHED" for r in runs)
+    # the saved runs view shows the searched values beside the FID columns
+    views = [json.loads(json.loads(v)["state"])["selectedColumns"]
+             for k, v in client.get_experiment(parent.info.experiment_id).tags.items()
+             if k.startswith("mlflow.sharedViewState.ant_ray-")]
+    assert any({"params.`ant.lr`", "params.`finetune.p`", "params.`w0`", "params.`w1`",
+                "metrics.`fid100_domain`"} <= set(columns) for columns in views)
 
 
 def test_merge_scores_the_anchors_first(search):
@@ -115,7 +135,7 @@ def test_merge_scores_the_anchors_first(search):
     # the searcher saw rung-0 scores only, under rung 0's metric
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials) and len(study.trials) == 5
     # the winner never loses to a specialist alone at the same fidelity
-    merge = result.trials[result.trials["stage"] == "merge"]
+    merge = result.stages["merge"].trials()  # the stage's own table: a row per candidate and rung
     top = merge[merge["rung"] == merge["rung"].max()]
     assert result.stages["merge"].best_score == top["fid"].min()
     # one model, one sample count, one score: the anchor (1, 1) is task arithmetic, which the deme trial scored in
@@ -140,6 +160,8 @@ def test_resuming_a_finished_search_reruns_no_stage(search):
     assert client.get_run(result.parent_run_id).data.metrics == logged
     assert list(again.trials["trial_id"]) == list(result.trials["trial_id"])
     assert list(again.trials["fate"]) == list(result.trials["fate"])
+    from_python = ant_ray.launch_search(resume=result.search_dir)  # from Python: the folder alone
+    assert from_python.best == result.best and from_python.final.scores == result.final.scores
     _, runs, by_stage = _runs(cfg, again)
     assert len(by_stage["search"]) == 1 and len(by_stage["ant_trial"]) == 2 and len(by_stage["merge_trial"]) == 5
     assert by_stage["search"][0].info.status == "FINISHED"

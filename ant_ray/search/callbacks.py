@@ -5,7 +5,8 @@
   and Tune insists that every result has the metric).
 - `TrialTracker` (Tune driver side): mirrors each trial's scores into its MLflow run as they arrive, and when the
   trial ends records its fate (finished, stopped early, diverged, failed) and closes its MLflow runs, also when
-  the trial process was killed by a scheduler and never got to close them itself.
+  the trial process was killed by a scheduler and never got to close them itself. A trial stopped early ends
+  FINISHED (its fate tag tells it apart), a diverged or failed one FAILED.
 """
 
 from __future__ import annotations
@@ -76,7 +77,9 @@ class TrialTracker(tune.Callback):
         if result.get("diverged"):
             self._close(trial, "diverged", "FAILED")
         elif int(result.get(self.step_key, 0)) < self.final_step:
-            self._close(trial, "stopped_early", "KILLED")
+            # Stopping a trial that is behind is the scheduler doing its job, not a crash: FINISHED, with the fate
+            # tag saying it stopped early (MLflow shows KILLED with a red cross; that stays for signals).
+            self._close(trial, "stopped_early", "FINISHED")
         else:
             self._close(trial, "finished", "FINISHED")
 

@@ -33,15 +33,16 @@ from ant_ray.files import CorruptFileError, DiskFull, check_safetensors, is_disk
 from ant_ray.merge import TaskVectorMerger, load_task_vector, state_dict_fingerprint
 from ant_ray.search.merge_stage import MergePlan, check_task_vectors, run_merge_stage
 from ant_ray.search.outcome import SearchStageFailed, StageOutcome
-from ant_ray.search.plots import merge_landscape, study_figures
+from ant_ray.search.plots import copy_stage_figures, merge_landscape, study_figures
 from ant_ray.search.result import SearchResult
 from ant_ray.search.training_stage import run_training_stage
+from ant_ray.search.trials import trial_param_names
 from ant_ray.search.tune_runs import StageSetup, log_line
 from ant_ray.stages.evaluate import RepeatedScore, score_with_seeds
 from ant_ray.stages.ray_runtime import start_ray
 from ant_ray.files import check_output_dir
-from ant_ray.tracking import (TrackedRun, check_tracking_store, flatten, save_runs_view, setup_experiment,
-                              worker_env)
+from ant_ray.tracking import (TrackedRun, check_tracking_store, end_open_runs, flatten, save_runs_view,
+                              setup_experiment, worker_env)
 from ant_ray.training import worker_groups
 
 STATE_FILE = "state.json"
@@ -257,7 +258,7 @@ def _run_search(cfg: PipelineConfig, search_dir: Path, state: dict, dataset: Ima
     uri = cfg.tracking_uri()
     out = cfg.output_path()
     experiment_id = setup_experiment(uri, cfg.tracking.experiment, out / "mlartifacts")
-    runs_page = save_runs_view(uri, experiment_id, [*fid_metrics(cfg), "loss"])
+    runs_page = save_runs_view(uri, experiment_id, [*fid_metrics(cfg), "loss"], trial_param_names(cfg))
 
     def adopt_or_start(key: str, name: str, parent: str | None, tags: dict) -> TrackedRun:
         run_id = state["stage_runs"].get(key) if key != "search" else state["parent_run_id"]
@@ -347,6 +348,8 @@ def _run_search(cfg: PipelineConfig, search_dir: Path, state: dict, dataset: Ima
         return result
     except BaseException as err:
         status = "KILLED" if isinstance(err, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        # the trials and training runs that were running, whose processes went with the search, then its own
+        end_open_runs(uri, experiment_id, parent.run_id, status, f"{type(err).__name__}: {err}")
         for run in reversed(open_runs):
             run.set_tags({"ant_ray.failure": f"{type(err).__name__}: {err}"[:500]})
             run.finish(status)
@@ -465,6 +468,7 @@ def _publish_search(result: SearchResult, parent: TrackedRun, cfg: PipelineConfi
     trials.to_csv(trials_csv, index=False)
     parent.log_artifact(trials_csv)
     parent.log_table(trials, "trials.json")
+    copy_stage_figures(parent, result.search_dir, result.stages)
     scorer = FIDScorer(cfg, cfg.output_path() / "cache" / "fid")
     grid = scorer.sample(model_denoiser(load_model(result.winner_model).to(scorer.device).eval()), 64, cfg.seed)
     parent.log_artifact(save_image_grid(grid, result.search_dir / "winner" / "samples.png"))

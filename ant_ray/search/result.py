@@ -11,7 +11,7 @@ import pandas as pd
 
 from ant_ray.search.outcome import StageOutcome
 from ant_ray.stages.evaluate import RepeatedScore
-from ant_ray.tracking import ui_command
+from ant_ray.tracking import run_page, ui_address, ui_command
 
 
 def _format_value(value: Any) -> str:
@@ -22,6 +22,44 @@ def _format_value(value: Any) -> str:
     if isinstance(value, dict):
         return "; ".join(f"{k}: {_format_value(v)}" for k, v in value.items())
     return str(value)
+
+
+# The columns every stage's trials share, then the stage's parameters (its space's keys; merge: w0, w1, ...).
+# `step`: how far a training trial trained; `fidelity`: the sample count a merge candidate was last scored at.
+TRIAL_COLUMNS = ["stage", "trial_id", "fate", "metric", "score", "step", "fidelity"]
+_MERGE_BOOKKEEPING = {"candidate", "rung", "samples", "images", "fid", "metric"}
+
+
+def trials_table(outcome: StageOutcome) -> pd.DataFrame:
+    """A stage's trials in the schema of TRIAL_COLUMNS plus the stage's parameters, one row per trial: its last
+    score (`score`, under the metric named in `metric`, whose name carries the sample count) and its fate
+    (finished / stopped_early / diverged / failed).
+
+    The stages' own `trials.csv` keep their working shapes: a training stage's has the score under the metric's
+    name; the merge stage's has a row per candidate and rung. A merge candidate is one trial here (one MLflow run,
+    `trial_id` its candidate key) at the highest fidelity it reached: `finished` if that is the last rung, else
+    `stopped_early` (successive halving did not promote it)."""
+    table = outcome.trials()
+    if table.empty or "score" in table.columns:
+        return table.assign(stage=outcome.stage).reindex(columns=_ordered(table.columns))
+    if outcome.stage == "merge":
+        last_rung = len(outcome.extra.get("fidelities") or []) - 1
+        first_seen = {key: i for i, key in enumerate(table["candidate"].drop_duplicates())}  # rung 0's order
+        last = (table.sort_values("rung", kind="stable").drop_duplicates("candidate", keep="last")
+                .sort_values("candidate", key=lambda keys: keys.map(first_seen)).reset_index(drop=True))
+        params = [c for c in table.columns if c not in _MERGE_BOOKKEEPING]
+        rows = pd.DataFrame({"stage": outcome.stage, "trial_id": last["candidate"],
+                             "fate": ["finished" if r >= last_rung else "stopped_early" for r in last["rung"]],
+                             "metric": last["metric"], "score": last["fid"], "fidelity": last["samples"]})
+        return pd.concat([rows, last[params]], axis=1).reindex(columns=_ordered(params))
+    params = [c for c in table.columns if c not in {"trial_id", outcome.metric, "step", "fate"}]
+    rows = pd.DataFrame({"stage": outcome.stage, "trial_id": table["trial_id"].astype(str), "fate": table["fate"],
+                         "metric": outcome.metric, "score": table[outcome.metric], "step": table["step"]})
+    return pd.concat([rows, table[params]], axis=1).reindex(columns=_ordered(params))
+
+
+def _ordered(columns) -> list[str]:
+    return TRIAL_COLUMNS + [c for c in columns if c not in TRIAL_COLUMNS]
 
 
 @dataclass
@@ -50,12 +88,15 @@ class SearchResult:
 
     @property
     def trials(self) -> pd.DataFrame:
-        """Every trial of every stage, one row each, with a `stage` column."""
-        frames = [o.trials().assign(stage=name) for name, o in self.stages.items()]
-        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        for column in table.select_dtypes("float").columns:  # a stage without the column made NaNs: 2.0 -> 2
+        """Every trial of every stage, one row each, in one schema (`trials_table`)."""
+        frames = [trials_table(o) for o in self.stages.values()]
+        table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=TRIAL_COLUMNS)
+        # A stage without an integer column (step, fidelity, ant.k) made NaNs there, and floats of its values:
+        # keep them integers (a weight that happens to be 1.0 stays a float)
+        integers = {c for frame in frames for c in frame.select_dtypes("integer").columns}
+        for column in integers:
             values = table[column].dropna()
-            if len(values) and (values == values.round()).all():
+            if (values == values.round()).all():  # not when another stage has fractions in a column of that name
                 table[column] = table[column].astype("Int64")
         return table
 
@@ -88,6 +129,10 @@ class SearchResult:
                   f"winner model: {self.winner_model} (diffusers format; 64 samples of it in "
                   f"{Path(self.winner_model).parent / 'samples.png'})",
                   f"search directory: {self.search_dir}",
-                  f"finished in {self.seconds / 60:.1f} min",
-                  f"MLflow UI: {ui_command(self.tracking_uri, self.runs_page)}"]
+                  f"finished in {self.seconds / 60:.1f} min"]
+        address = ui_address(self.tracking_uri)
+        if address and self.runs_page:  # "#/experiments/<id>/runs?...": the search run's page in that experiment
+            experiment_id = self.runs_page.split("/")[2]
+            lines.append(f"search run (figures, trials table): {address}/{run_page(experiment_id, self.parent_run_id)}")
+        lines.append(f"MLflow UI: {ui_command(self.tracking_uri, self.runs_page)}")
         return "\n".join(lines)

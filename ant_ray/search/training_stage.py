@@ -147,7 +147,7 @@ def run_training_stage(stage: str, setup: StageSetup, *, ant_winner: dict | None
 
 def _collect(stage: str, setup: StageSetup, results: tune.ResultGrid, metric: str, steps: int, stage_dir: Path,
              started: float, images_per_eval: int, eval_every: int | None) -> StageOutcome:
-    """The stage's table (one row per trial: values, last score, step reached, fate) and its winner, whose model
+    """The stage's table (one row per trial: fate, last score, step reached, values) and its winner, whose model
     paths come from its folder's result.json."""
     rows, best, evaluations = [], None, 0
     for result in results:
@@ -157,7 +157,8 @@ def _collect(stage: str, setup: StageSetup, results: tune.ResultGrid, metric: st
         trial_fate = fate(last, result.error is not None, steps)
         score, reached = last.get(metric), int(last.get("step") or 0)
         evaluations += (reached // eval_every if eval_every else 1) if reached else 0
-        rows.append({"trial_id": trial_id, **values, metric: score, "step": reached, "fate": trial_fate})
+        rows.append({"stage": stage, "trial_id": trial_id, "fate": trial_fate, "metric": metric, "score": score,
+                     "step": reached, **values})  # the search's trials schema (result.TRIAL_COLUMNS)
         if trial_fate == "finished" and finite(score) and (best is None or score < best[1]):
             best = (values, score, trial_id)
     table = pd.DataFrame(rows)

@@ -111,6 +111,22 @@ def read_trial_result(folder: Path) -> dict[str, Any] | None:
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
+def trial_param_names(cfg: PipelineConfig) -> list[str]:
+    """The params trials log for the values they were given, stage by stage: the searched fields (ant.k,
+    ant.method, finetune.p, ...) and the merge weights (w0, w1, ... or <group>.w0, ..., as many as the merge stage
+    can receive). The runs table shows them as columns (tracking.save_runs_view)."""
+    from ant_ray.search.merge_stage import parameter_names  # merge_stage imports this module
+
+    search, names = cfg.search, []
+    for stage in search.stages():
+        if stage == "merge":
+            n = search.max_task_vectors(cfg.ant.k, cfg.finetune.num_specialists)
+            names += parameter_names(n, list(cfg.merge_search.layer_groups or []) or None)
+        else:
+            names += list(getattr(search, stage).space)
+    return names
+
+
 def _diverged(err: TrainingRunFailed, metric: str, folder: Path, runs: list[TrackedRun]) -> None:
     """A diverged trial is a bad configuration, not a crash: report +inf so the searcher learns it, mark its runs
     FAILED with the reason, and let the search go on."""
