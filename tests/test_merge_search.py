@@ -6,7 +6,7 @@ import pytest
 from conftest import shared_ray
 import torch
 
-from ant_ray.config import SearcherConfig, load_config
+from ant_ray.config import ConfigError, SearcherConfig, load_config
 from ant_ray.diffusion import build_model, save_model
 from ant_ray.merge import save_task_vector, state_dict_fingerprint
 from ant_ray.search.merge_stage import MergePlan, grid_axis, run_merge_stage
@@ -46,6 +46,21 @@ def _stage(out, uri, exp, name, overrides):
 
 def test_grid_axis():
     assert grid_axis(0.0, 1.5, 0.25) == [0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5]
+
+
+def test_the_merge_benchmark_plans_what_the_search_would_accept(tmp_path):
+    """Issue 19: `bench_merge_search --top 500` built its plan without the load-time check and crashed in rung 1
+    (a stream of 125 images cannot continue in batches of 250). Its arms are now validated search.merge sections."""
+    from benchmarks.bench_merge_search import GRID, HALVING, bench_configs
+
+    configs = bench_configs(str(tmp_path), 500, [])
+    halving, grid = (MergePlan.from_settings(configs[name].search.merge) for name in (HALVING, GRID))
+    batch = configs[HALVING].fid.batch_size
+    assert halving.fidelities == [125, 250, 500] and all(n % batch == 0 for n in halving.fidelities[:-1])
+    assert (grid.searcher.name, grid.fidelities, grid.num_candidates) == ("grid", [500], 4 + 7 ** 2 + 9 ** 2)
+    with pytest.raises(ConfigError, match=r"search.merge.fidelities: \[125\] must be multiples of fid.batch_size "
+                                          r"\(250\)"):
+        bench_configs(str(tmp_path), 500, ["fid.batch_size=250"])  # the plan that crashed, now refused on load
 
 
 @pytest.mark.slow
