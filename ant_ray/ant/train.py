@@ -44,8 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import ray.train
-import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -56,12 +54,11 @@ from ant_ray.data import iterate_batches, load_dataset
 from ant_ray.diffusion import (NoiseSchedule, build_model, build_weighting, diffusion_loss, load_model,
                                model_denoiser, model_is_complete, save_model)
 from ant_ray.mtl import MTLMethod, build_mtl_method, flat_grad, flatten_grads, write_flat_grad
-from ant_ray.tracking import TrackedRun, loss_curve_figure
 from ant_ray.evaluation import score_merged_states
 from ant_ray.evaluation_plan import EvaluationPlan
 from ant_ray.training import (AUTOCAST_DTYPES, DivergenceGuard, TrainingDiverged, any_rank_diverged,
-                              load_training_state, progress_line, save_training_state, show_progress, step_generator,
-                              step_seed, update_ema, worker_device)
+                              current_session, load_training_state, progress_line, save_training_state, show_progress,
+                              step_generator, step_seed, update_ema)
 
 TIMESTEP_SAMPLING = ("uniform", "stratified")
 _MTL_PREFIX = "mtl."  # key prefix of the MTL method's tensors in the checkpoint's extra.safetensors
@@ -300,7 +297,8 @@ def _step_metrics(stats: StepStats, method: MTLMethod) -> dict[str, float]:
 
 
 def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    """Ray Train worker entry point. ``loop_config`` keys: pipeline (PipelineConfig dump; the ``ant`` section is
+    """The ANT loop of one worker: a Ray Train worker's entry point, or run in-process without Ray
+    (``ant_ray.training.run_in_process``). ``loop_config`` keys: pipeline (PipelineConfig dump; the ``ant`` section is
     used), intervals (the k [start, end) clusters), init_model (diffusers folder or None: build model.base),
     output_dir (rank 0 writes checkpoint/, model/ and ema/ there), tracking (TrackedRun handle or None), seed, name,
     resume_from (a checkpoint folder to continue from when Ray restores none; optional), evaluation (an
@@ -312,9 +310,9 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     if len(intervals) != ant.k or intervals[-1][1] != cfg.diffusion.T:
         raise ValueError(f"intervals must be ant.k={ant.k} contiguous ranges covering [0, {cfg.diffusion.T}), got "
                          f"{intervals}")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = worker_device(cfg.device)
+    session = current_session()
+    rank, world = session.rank, session.world_size
+    device = session.device(cfg.device)
     seed = int(loop_config.get("seed", cfg.seed))
     if ant.batch_size % (world * ant.grad_accumulation):
         raise ValueError(f"ant.batch_size ({ant.batch_size}) must be divisible by num_workers x grad_accumulation "
@@ -339,18 +337,22 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     scaler = torch.amp.GradScaler(device.type, enabled=ant.mixed_precision == "fp16")
 
     start_step, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    resume_from = loop_config.get("resume_from")
-    if checkpoint is not None or resume_from:
-        with (checkpoint.as_directory() if checkpoint is not None else nullcontext(resume_from)) as folder:
-            state = load_training_state(folder, model=model, ema=ema, optimizer=optimizer, device=device)
+    with session.latest_checkpoint() as checkpoint:
+        folder = checkpoint or loop_config.get("resume_from")
+        state = (load_training_state(folder, model=model, ema=ema, optimizer=optimizer, device=device)
+                 if folder else None)
+    if state is not None:
         method.load_state_dict({key[len(_MTL_PREFIX):]: value for key, value in state["extra_tensors"].items()
                                 if key.startswith(_MTL_PREFIX)})
         if state["extra"].get("scaler"):
             scaler.load_state_dict(state["extra"]["scaler"])
         start_step, history = state["step"], state["extra"].get("history", [])
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
-    run = TrackedRun(**loop_config["tracking"]) if loop_config.get("tracking") and rank == 0 else None
+    ddp_model = session.prepare_model(model)
+    run = None
+    if loop_config.get("tracking") and rank == 0:
+        from ant_ray.tracking import TrackedRun  # MLflow only where a run logs: the loop runs without it
+
+        run = TrackedRun(**loop_config["tracking"])
 
     per_rank = ant.batch_size // world
     guard = DivergenceGuard("ant", tolerate_skipped_steps=scaler.is_enabled())
@@ -410,11 +412,12 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         images_seen += ant.batch_size
         done = step + 1
         last = done == ant.steps
-        # Periodic (a float() syncs the device); at once after non-finite gradients, which every rank saw alike.
-        if diverged or done % 10 == 0 or last:
+        # Periodic (a float() syncs the device), and before every checkpoint (never save a diverged state); at once
+        # after non-finite gradients, which every rank saw alike.
+        if diverged or done % 10 == 0 or last or done % ant.checkpoint_every == 0:
             diverged = diverged or guard.check(float(stats.mean_loss), done)
             if any_rank_diverged(diverged, world, device):  # every rank stops at the same step, nothing is saved
-                ray.train.report({"step": done, "diverged": 1})
+                session.report({"step": done, "diverged": 1})
                 return {"diverged": diverged or "another worker's loss diverged"} if rank == 0 else None
 
         if last and rank == 0:
@@ -435,16 +438,16 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
                                             metrics["images_per_s"], seconds_per_step * (ant.steps - done)))
             report = {**metrics, "step": done, **(evaluate(done) if due else {})}
             if done % ant.checkpoint_every == 0 or last:
-                _report_with_checkpoint(report, rank, output_dir / "checkpoint", model=model, ema=ema,
+                _report_with_checkpoint(session, report, output_dir / "checkpoint", model=model, ema=ema,
                                         optimizer=optimizer, method=method, scaler=scaler, step=done,
                                         history=history)
             else:
-                ray.train.report(report)
+                session.report(report)
             tick, images_seen, loss_sum, loss_steps = time.perf_counter(), 0, 0.0, 0
 
     if start_step >= ant.steps and plan is not None:
         # Restored from the final checkpoint (the run had finished, its result was lost): report the final score.
-        ray.train.report({"step": ant.steps, **evaluate(ant.steps)})
+        session.report({"step": ant.steps, **evaluate(ant.steps)})
 
     # --- after the loop (rank 0): the loss curve; the models were saved at the last step ----------------------
     if rank != 0:
@@ -454,6 +457,8 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         save_model(ema, ema_dir)
         save_model(model, model_dir)
     if run is not None and history:
+        from ant_ray.tracking import loss_curve_figure
+
         run.log_figure(loss_curve_figure(*zip(*history), title=loop_config.get("name", "ANT loss")),
                        "loss_curve.png")
     return {"steps": ant.steps, "start_step": start_step, "ema_model": str(ema_dir), "model": str(model_dir),
@@ -461,15 +466,14 @@ def train_ant(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             "images_per_s": run_images / run_seconds if run_seconds > 0 else None, "fid": last_fid}
 
 
-def _report_with_checkpoint(metrics: dict, rank: int, folder: Path, *, model, ema, optimizer, method, scaler,
+def _report_with_checkpoint(session, metrics: dict, folder: Path, *, model, ema, optimizer, method, scaler,
                             step: int, history: list) -> None:
     """Every rank reports (Train V2's report is a barrier); rank 0 writes the state into the run directory (so a
     run can also be continued outside Ray with ``resume_from``) and attaches it, which Ray copies to its storage."""
-    if rank != 0:
-        ray.train.report(metrics)
+    if session.rank != 0:
+        session.report(metrics)
         return
     save_training_state(folder, model=model, ema=ema, optimizer=optimizer, step=step,
                         extra={"history": history, "scaler": scaler.state_dict()},
                         extra_tensors={f"{_MTL_PREFIX}{k}": v for k, v in method.state_dict().items()})
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder),
-                     delete_local_checkpoint_after_upload=False)
+    session.report(metrics, checkpoint=folder)

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray.train
 import torch
 import torch.distributed as dist
 
@@ -41,10 +40,9 @@ from ant_ray.diffusion import (NoiseSchedule, build_model, build_weighting, load
                                per_sample_loss, sample_images, save_model, weighted_loss)
 from ant_ray.evaluation import score_merged_states
 from ant_ray.evaluation_plan import EvaluationPlan
-from ant_ray.tracking import TrackedRun, loss_curve_figure
-from ant_ray.training import (AUTOCAST_DTYPES, DivergenceGuard, any_rank_diverged, load_training_state, progress_line,
-                              save_training_state, show_progress, step_generator, step_seed, update_ema, worker_device,
-                              group_members)
+from ant_ray.training import (AUTOCAST_DTYPES, DivergenceGuard, any_rank_diverged, current_session, group_members,
+                              load_training_state, progress_line, save_training_state, show_progress, step_generator,
+                              step_seed, update_ema)
 
 
 def sample_timesteps(batch: int, T: int, time_range: tuple[int, int], p: float,
@@ -55,7 +53,8 @@ def sample_timesteps(batch: int, T: int, time_range: tuple[int, int], p: float,
 
 
 def train_diffusion(loop_config: dict[str, Any]) -> dict[str, Any] | None:
-    """Ray Train worker entry point. ``loop_config`` keys:
+    """The training loop of one worker: a Ray Train worker's entry point, or run in-process without Ray
+    (``ant_ray.training.run_in_process``). ``loop_config`` keys:
 
     - pipeline: PipelineConfig dump; section: "pretrain" or "finetune" (its steps, lr, ... are used); name
     - models: one entry per model trained side by side, each {range: [start, end) or None, init_model: folder or
@@ -73,8 +72,8 @@ def train_diffusion(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     train: TrainConfig = getattr(cfg, section)
     models_spec = loop_config["models"]
     packed = int(loop_config.get("models_per_worker") or 1)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    session = current_session()
+    rank, world = session.rank, session.world_size
     members = group_members(len(models_spec), packed)
     groups = len(members)
     if world % groups:
@@ -84,7 +83,7 @@ def train_diffusion(loop_config: dict[str, Any]) -> dict[str, Any] | None:
         raise ValueError("models trained in turn by one worker cannot also be data parallel: set num_workers 1")
     group, local_rank = divmod(rank, per_model)
     group_sizes, mine = [len(m) for m in members], members[group]
-    device = worker_device(cfg.device)
+    device = session.device(cfg.device)
     if train.batch_size % (per_model * train.grad_accumulation):
         raise ValueError(f"{section}.batch_size ({train.batch_size}) must be divisible by num_workers x "
                          f"grad_accumulation ({per_model} x {train.grad_accumulation})")
@@ -107,10 +106,9 @@ def train_diffusion(loop_config: dict[str, Any]) -> dict[str, Any] | None:
     del folders  # the teachers live on in the specialists; the weights as read are not needed any more
 
     start_step = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            start_step = min(s.restore(Path(folder)) for s in specialists)
+    with session.latest_checkpoint() as folder:
+        if folder is not None:
+            start_step = min(s.restore(folder) for s in specialists)
     plan = EvaluationPlan.from_dump(loop_config.get("evaluation"))
     scorer = plan.scorer(cfg, device) if plan is not None and rank == 0 else None
     template = None  # rank 0's scratch model for scoring (merged) weights
@@ -133,7 +131,7 @@ def train_diffusion(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             diverged = diverged or specialist.guard.check(step_loss, step + 1)  # a loss the scaler cannot absorb
         if (step + 1) % 10 == 0 or step + 1 == train.steps:
             if any_rank_diverged(diverged, world, device):  # every rank stops at the same step, nothing is saved
-                ray.train.report({"step": step + 1, "diverged": 1})
+                session.report({"step": step + 1, "diverged": 1})
                 return {"diverged": diverged or "another worker group's loss diverged"} if rank == 0 else None
         for specialist in specialists:
             specialist.optimizer_step(train)
@@ -168,11 +166,11 @@ def train_diffusion(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             # diverged state (a NaN loss seen since, or weights made non-finite by this step's update).
             diverged = diverged or _non_finite_weights(specialists, section)
             if any_rank_diverged(diverged, world, device):
-                ray.train.report({"step": done, "diverged": 1})
+                session.report({"step": done, "diverged": 1})
                 return {"diverged": diverged or "another worker group's loss diverged"} if rank == 0 else None
-            _report_with_checkpoint(metrics, leader, specialists, done)
+            _report_with_checkpoint(session, metrics, leader, specialists, done)
         else:
-            ray.train.report(metrics)
+            session.report(metrics)
 
     if start_step >= train.steps and plan is not None:
         # Restored from the final checkpoint (the run had finished, its result was lost): report the final score.
@@ -182,7 +180,7 @@ def train_diffusion(loop_config: dict[str, Any]) -> dict[str, Any] | None:
             outcome = score_merged_states(plan, scorer, states, copy.deepcopy(specialists[0].ema), cfg)
             metrics.update(outcome.metrics())
             summary = {"fid": outcome.fid, "weights": outcome.weights, "step": train.steps}
-        ray.train.report(metrics)
+        session.report(metrics)
 
     # --- after the loop (each group's leader): the loss curve and a sample grid into each model's MLflow run -----
     for specialist in specialists:
@@ -212,7 +210,7 @@ class _Specialist:
     guard: DivergenceGuard
     denoise: Callable
     teacher_denoise: Callable | None
-    run: TrackedRun | None
+    run: Any  # its MLflow run (ant_ray.tracking.TrackedRun), or None
     history: list = field(default_factory=list)  # (step, mean loss) at each log step
     batches: Iterator | None = None
     loss_sum: float = 0.0  # since the last log
@@ -244,7 +242,7 @@ class _Specialist:
             scaler=scaler, guard=DivergenceGuard(section, tolerate_skipped_steps=scaler.is_enabled()),
             denoise=model_denoiser(ddp_model, autocast_dtype=autocast_dtype),
             teacher_denoise=model_denoiser(teacher, autocast_dtype=autocast_dtype) if teacher is not None else None,
-            run=TrackedRun(**spec["tracking"]) if spec.get("tracking") and leader else None)
+            run=_tracked_run(spec.get("tracking")) if leader else None)
 
     def restore(self, folder: Path) -> int:
         """Load this model's part of the run's checkpoint; returns its step."""
@@ -320,6 +318,8 @@ class _Specialist:
     def log_curve_and_samples(self, schedule, data, cfg: PipelineConfig) -> None:
         if self.run is None or not self.history:
             return
+        from ant_ray.tracking import loss_curve_figure  # MLflow and matplotlib only where a run logs
+
         self.run.log_figure(loss_curve_figure(*zip(*self.history), title=self.name), "loss_curve.png")
         grid = next(sample_images(model_denoiser(self.ema), schedule, 64, shape=tuple(data.images.shape[1:]),
                                   sampler=cfg.sampler.name, steps=cfg.sampler.steps, eta=cfg.sampler.eta,
@@ -380,6 +380,15 @@ def _gather_ema_states(specialists: list[_Specialist], rank: int, group_sizes: l
     return None
 
 
+def _tracked_run(handle: dict | None):
+    """The MLflow run a model logs to, or None. MLflow is imported only when there is one: a loop runs without it."""
+    if not handle:
+        return None
+    from ant_ray.tracking import TrackedRun
+
+    return TrackedRun(**handle)
+
+
 def _non_finite_weights(specialists: list[_Specialist], section: str) -> str | None:
     """The one-line reason to stop if a specialist's weights are no longer finite, else None."""
     from ant_ray.training.divergence import TrainingDiverged, check_finite_weights
@@ -392,15 +401,15 @@ def _non_finite_weights(specialists: list[_Specialist], section: str) -> str | N
     return None
 
 
-def _report_with_checkpoint(metrics: dict, leader: bool, specialists: list[_Specialist], step: int) -> None:
+def _report_with_checkpoint(session, metrics: dict, leader: bool, specialists: list[_Specialist], step: int) -> None:
     """Every rank reports (Train V2's report is a barrier); each group's leader attaches its models' states under
     model_<index>/, and Ray gathers the ranks' files into one checkpoint folder."""
     if not leader:
-        ray.train.report(metrics)
+        session.report(metrics)
         return
     with tempfile.TemporaryDirectory() as tmp:
         for s in specialists:
             save_training_state(Path(tmp) / f"model_{s.index}", model=s.model, ema=s.ema, optimizer=s.optimizer,
                                 step=step, extra={"history": s.history,
                                                   "scale": s.scaler.get_scale() if s.scaler.is_enabled() else 1.0})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        session.report(metrics, checkpoint=Path(tmp))
