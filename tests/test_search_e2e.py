@@ -75,7 +75,7 @@ def test_result_names_every_stage(search):
     assert len(merge) == 5 and sorted(merge["fate"]) == ["finished"] * 2 + ["stopped_early"] * 3
     assert set(merge[merge["fate"] == "finished"]["fidelity"]) == {100}
     table = result.table()
-    for text in ("ant", "1 stopped early", "weights", "final: fid100_domain", "winner model", "mlflow ui",
+    for text in ("ant", "1 stopped early", "weights", "final: fid100_domain", "winner model", "ui --output-dir",
                  "search run (figures, trials table): http://127.0.0.1:5000/#/experiments/"):
         assert text in table
 

@@ -62,13 +62,22 @@ def test_run_pages_open_in_the_model_training_workflow():
     assert ui_address("databricks") is None
 
 
-def test_flatten_and_ui_command():
+def test_flatten_and_ui_command(monkeypatch, tmp_path):
     assert flatten({"a": {"b": {"c": 1}}, "d": 2}) == {"a.b.c": 1, "d": 2}
-    mlflow = command("mlflow")  # the bare name, or the virtualenv's path where the shell would not find it
-    assert ui_command("sqlite:////x/mlflow.db") == f"{mlflow} ui --backend-store-uri sqlite:////x/mlflow.db"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ant_ray = command("ant-ray")  # the bare name, or the virtualenv's path where the shell would not find it
+    # an output directory's store: `ant-ray ui` (starts in 15 s, prints the runs tables' links), not `mlflow ui`
+    assert ui_command("sqlite:////x/mlflow.db") == f"{ant_ray} ui --output-dir /x"
     page = "#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=ant_ray-0"
-    assert ui_command("sqlite:////x/mlflow.db", page) == (f"{mlflow} ui --backend-store-uri sqlite:////x/mlflow.db, "
+    assert ui_command("sqlite:////x/mlflow.db", page) == (f"{ant_ray} ui --output-dir /x, "
                                                           f"then open http://127.0.0.1:5000/{page}")
+    monkeypatch.chdir(tmp_path)  # below the working directory: the relative path, quoted for a shell
+    assert ui_command(f"sqlite:///{tmp_path}/my runs/mlflow.db") == f"{command('ant-ray')} ui --output-dir 'my runs'"
+    # a store `ant-ray ui` would not open: another file name, or MLFLOW_TRACKING_URI naming another store
+    mlflow = command("mlflow")
+    assert ui_command("sqlite:////x/other.db") == f"{mlflow} ui --backend-store-uri sqlite:////x/other.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////y/mlflow.db")
+    assert ui_command("sqlite:////x/mlflow.db") == f"{mlflow} ui --backend-store-uri sqlite:////x/mlflow.db"
     assert ui_command("http://u:secret@mlflow:5000/", page) == f"open http://u:***@mlflow:5000/{page}"
 
 
