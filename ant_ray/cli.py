@@ -36,8 +36,43 @@ def _add_comparison_parser(sub, name: str, summary: str, description: str, examp
                         help=f"also write the Markdown table here (e.g. benchmarks/{example_report})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus a hint when a shell split an unquoted `--set` value into several arguments."""
+
+    def parse_args(self, args=None, namespace=None):
+        argv = sys.argv[1:] if args is None else list(args)
+        namespace, extras = self.parse_known_args(argv, namespace)
+        if extras:
+            hint = set_quoting_hint(argv, extras)
+            self.error(f"unrecognized arguments: {' '.join(extras)}" + (f"\n{hint}" if hint else ""))
+        return namespace
+
+
+def set_quoting_hint(argv: list[str], extras: list[str]) -> str | None:
+    """`--set search.merge.fidelities=[250, 500]` typed without quotes reaches us as `--set
+    search.merge.fidelities=[250,` and an unrecognized `500]`: name the quoted form. None when no `--set` precedes
+    the first unrecognized argument."""
+    import shlex
+
+    first = next((i for i, token in enumerate(argv) if token in extras), None)
+    if first is None or argv[first].startswith("-"):  # a mistyped option, not the tail of a value
+        return None
+    # the first unrecognized argument follows a --set's value directly: `--set KEY=V1 V2` or `--set=KEY=V1 V2`
+    if first >= 1 and argv[first - 1].startswith("--set="):
+        start = first - 1
+    elif first >= 2 and argv[first - 2] == "--set":
+        start = first - 2
+    else:
+        return None
+    end = first
+    while end < len(argv) and argv[end] in extras:  # the rest of the split value
+        end += 1
+    value = " ".join([argv[start].removeprefix("--set").removeprefix("=")] + argv[start + 1:end]).strip()
+    return f"hint: a --set value with spaces needs quotes in a shell, e.g. --set {shlex.quote(value)}"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ant-ray", description=(
+    parser = _Parser(prog="ant-ray", description=(
         "Distributed search for diffusion models trained as multi-task learners (ANT clustering, DeMe merging) "
         "on Ray, tracked in MLflow."))
     parser.add_argument("--version", action="version", version=f"ant-ray {__version__}")
