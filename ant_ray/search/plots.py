@@ -61,6 +61,8 @@ def study_figures(journal: Path, study_name: str, out_dir: Path, metric: str) ->
         ax = ax[0] if hasattr(ax, "__len__") else ax
         if name == "parallel_coordinates":
             _legible_parallel_coordinates(ax)
+        for side in ("left", "right"):  # Optuna titles some plots on the left: one title only
+            ax.set_title("", loc=side)
         ax.set_title(f"{metric}: {title} ({count})")
         path = out_dir / f"{name}.png"
         ax.figure.savefig(path, dpi=100, bbox_inches="tight")
@@ -71,7 +73,7 @@ def study_figures(journal: Path, study_name: str, out_dir: Path, metric: str) ->
 
 def _legible_parallel_coordinates(ax) -> None:
     """Optuna draws thin lines in shades of blue down to white on a grey ground, in a figure too small for more
-    than three axes: wider (one inch and a half per axis), a white ground, thicker lines whose colours all show
+    than three axes: wider (1.6 inches per axis), a white ground, thicker lines whose colours all show
     (viridis without its palest yellow)."""
     import matplotlib.colors
     import matplotlib.pyplot as plt
