@@ -7,6 +7,8 @@ trial's models and checkpoints, `trials.csv` and `outcome.json` the result once 
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import time
 from pathlib import Path
 from typing import Any
@@ -24,14 +26,46 @@ from ant_ray.search.callbacks import TrialStatusPrinter, TrialTracker, trial_fol
 from ant_ray.search.outcome import SearchStageFailed, StageOutcome, count_fates, fate, finite
 from ant_ray.search.searchers import build_optuna_search, build_scheduler
 from ant_ray.search.space import grid_param_space, grid_points, optuna_space, trial_values
-from ant_ray.search.trials import TrainingStageContext, ant_trial, deme_trial, read_trial_result
-from ant_ray.search.tune_runs import StageSetup, run_tune
+from ant_ray.search import trials as trial_functions  # its ant_trial, wrapped below
+from ant_ray.search.trials import TrainingStageContext, deme_trial, read_trial_result
+from ant_ray.search.tune_runs import StageSetup, log_line, run_tune
 from ant_ray.stages.ant_train import stage_affinity
 from ant_ray.stages.pretrain import pretrained_model
 from ant_ray.tracking import TrackedRun
 
-TRIAL_FUNCTIONS = {"ant": ant_trial, "deme": deme_trial}
 SECTION = {"ant": "ant", "deme": "finetune"}
+
+
+def cached_stage_affinity(cfg: PipelineConfig, stage_dir: Path, stage_run: TrackedRun, log) -> np.ndarray:
+    """The ant stage's [B, B] bucket affinity for gradient clustering (it depends on neither k nor the method),
+    measured by its first user and kept in the stage folder: trials picking gradient together wait on a lock for
+    one measurement, later trials and a resumed search read it."""
+    folder = stage_dir / "affinity"
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "measure.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        try:
+            return np.load(folder / "bucket_affinity.npy")
+        except (OSError, ValueError, EOFError):  # not measured yet, or a write cut short by a crash
+            pass
+        log(f"measuring task affinity once for the stage ({cfg.ant.affinity.buckets} timestep buckets)")
+        affinity, _ = stage_affinity(cfg, stage_dir, "stage", stage_run)
+        return affinity
+
+
+def ant_trial(config: dict[str, Any], *, context: TrainingStageContext) -> None:
+    """trials.ant_trial, given the stage's affinity when this trial clusters by gradient and the stage has not
+    measured it up front (a space where only some trials pick gradient). Named ant_trial because Tune checks the
+    trainable's name when it restores a stage."""
+    cfg = PipelineConfig.model_validate(context.cfg_dump)
+    if context.affinity is None and trial_values(config).get("ant.clustering", cfg.ant.clustering) == "gradient":
+        affinity = cached_stage_affinity(cfg, Path(context.stage_dir),
+                                         TrackedRun(context.tracking_uri, context.stage_run_id), log_line)
+        context = dataclasses.replace(context, affinity=affinity.tolist())
+    trial_functions.ant_trial(config, context=context)
+
+
+TRIAL_FUNCTIONS = {"ant": ant_trial, "deme": deme_trial}
 
 
 def _config_point(cfg: PipelineConfig, settings: TrainingStageSearch) -> dict[str, Any] | None:
@@ -86,14 +120,10 @@ def run_training_stage(stage: str, setup: StageSetup, *, ant_winner: dict | None
     cfg_dump = cfg.worker_dump()
 
     context_args: dict[str, Any] = {}
-    if stage == "ant" and (cfg.ant.clustering == "gradient"
-                           or "gradient" in getattr(settings.space.get("ant.clustering"), "choices", [])):
-        saved = stage_dir / "affinity" / "bucket_affinity.npy"
-        if saved.is_file():
-            affinity = np.load(saved)
-        else:
-            setup.log(f"measuring task affinity once for the stage ({cfg.ant.affinity.buckets} timestep buckets)")
-            affinity, _ = stage_affinity(cfg, stage_dir, "stage", setup.stage_run)
+    if stage == "ant" and cfg.ant.clustering == "gradient" and "ant.clustering" not in settings.space:
+        # every trial clusters by gradient: measure before the first; where the space has ant.clustering, the
+        # first trial that picks gradient measures it (ant_trial), and a search that never picks it never does
+        affinity = cached_stage_affinity(cfg, stage_dir, setup.stage_run, setup.log)
         context_args["affinity"] = affinity.tolist()
     if stage == "deme":
         deme = settings
