@@ -55,6 +55,7 @@ def test_only_a_trial_that_picks_gradient_measures_it(monkeypatch, tmp_path):
     assert measured == [] and given == [None]  # a search whose trials never pick gradient never measures
     training_stage.ant_trial({"ant.k": 3, "ant.clustering": "gradient"}, context=context)
     training_stage.ant_trial({"ant.k": 4, "ant.clustering": "gradient"}, context=context)
-    assert measured == [tmp_path / "ant"] and given[1] == given[2] == np.full((cfg.ant.affinity.buckets,) * 2, 0.5).tolist()
+    assert measured == [tmp_path / "ant"]
+    assert given[1] == given[2] == np.full((cfg.ant.affinity.buckets,) * 2, 0.5).tolist()
     # Tune checks a restored stage's trainable by name: the wrapper keeps ant_trial's
     assert training_stage.TRIAL_FUNCTIONS["ant"].__name__ == "ant_trial"
