@@ -11,10 +11,11 @@ import dataclasses
 import fcntl
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
+import ray
 from ray import tune
 
 from ant_ray.config import PipelineConfig, TrainingStageSearch
@@ -36,10 +37,10 @@ from ant_ray.tracking import TrackedRun
 SECTION = {"ant": "ant", "deme": "finetune"}
 
 
-def cached_stage_affinity(cfg: PipelineConfig, stage_dir: Path, stage_run: TrackedRun, log) -> np.ndarray:
+def cached_stage_affinity(stage_dir: Path, measure: Callable[[], np.ndarray], log: Callable[[str], None]) -> np.ndarray:
     """The ant stage's [B, B] bucket affinity for gradient clustering (it depends on neither k nor the method),
     measured by its first user and kept in the stage folder: trials picking gradient together wait on a lock for
-    one measurement, later trials and a resumed search read it."""
+    one measurement, later trials and a resumed search read it. ``measure`` runs stage_affinity."""
     folder = stage_dir / "affinity"
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "measure.lock", "a") as lock:
@@ -48,19 +49,29 @@ def cached_stage_affinity(cfg: PipelineConfig, stage_dir: Path, stage_run: Track
             return np.load(folder / "bucket_affinity.npy")
         except (OSError, ValueError, EOFError):  # not measured yet, or a write cut short by a crash
             pass
-        log(f"measuring task affinity once for the stage ({cfg.ant.affinity.buckets} timestep buckets)")
-        affinity, _ = stage_affinity(cfg, stage_dir, "stage", stage_run)
-        return affinity
+        log("measuring task affinity once for the stage")
+        return measure()
+
+
+def _stage_affinity_task(cfg_dump: dict, stage_dir: str, tracking_uri: str, stage_run_id: str) -> np.ndarray:
+    cfg = PipelineConfig.model_validate(cfg_dump)
+    return stage_affinity(cfg, Path(stage_dir), "stage", TrackedRun(tracking_uri, stage_run_id))[0]
+
+
+def _measure_from_trial(context: TrainingStageContext) -> np.ndarray:
+    """stage_affinity from inside a Tune trial, in a task of its own outside the trial's placement group: that
+    group's one bundle (the trial's small driver) cannot hold the measurement's tasks, which hold ant.resources."""
+    task = ray.remote(num_cpus=0)(_stage_affinity_task).options(scheduling_strategy="DEFAULT")
+    return ray.get(task.remote(context.cfg_dump, context.stage_dir, context.tracking_uri, context.stage_run_id))
 
 
 def ant_trial(config: dict[str, Any], *, context: TrainingStageContext) -> None:
     """trials.ant_trial, given the stage's affinity when this trial clusters by gradient and the stage has not
     measured it up front (a space where only some trials pick gradient). Named ant_trial because Tune checks the
     trainable's name when it restores a stage."""
-    cfg = PipelineConfig.model_validate(context.cfg_dump)
-    if context.affinity is None and trial_values(config).get("ant.clustering", cfg.ant.clustering) == "gradient":
-        affinity = cached_stage_affinity(cfg, Path(context.stage_dir),
-                                         TrackedRun(context.tracking_uri, context.stage_run_id), log_line)
+    clustering = PipelineConfig.model_validate(context.cfg_dump).ant.clustering
+    if context.affinity is None and trial_values(config).get("ant.clustering", clustering) == "gradient":
+        affinity = cached_stage_affinity(Path(context.stage_dir), lambda: _measure_from_trial(context), log_line)
         context = dataclasses.replace(context, affinity=affinity.tolist())
     trial_functions.ant_trial(config, context=context)
 
@@ -123,7 +134,8 @@ def run_training_stage(stage: str, setup: StageSetup, *, ant_winner: dict | None
     if stage == "ant" and cfg.ant.clustering == "gradient" and "ant.clustering" not in settings.space:
         # every trial clusters by gradient: measure before the first; where the space has ant.clustering, the
         # first trial that picks gradient measures it (ant_trial), and a search that never picks it never does
-        affinity = cached_stage_affinity(cfg, stage_dir, setup.stage_run, setup.log)
+        affinity = cached_stage_affinity(
+            stage_dir, lambda: stage_affinity(cfg, stage_dir, "stage", setup.stage_run)[0], setup.log)
         context_args["affinity"] = affinity.tolist()
     if stage == "deme":
         deme = settings
