@@ -103,10 +103,10 @@ def _check_resources(cfg: PipelineConfig) -> None:
             raise ValueError(f"search.{stage}: one trial needs {cpu:g} CPUs and {gpu:g} GPUs (its driver plus "
                              f"{n} workers of {section}.resources) but the cluster has {cpus:g} CPUs and {gpus:g} "
                              f"GPUs; lower {section}.resources or start Ray with more (ray.num_cpus)")
-        if cpu * settings.max_concurrent > cpus or gpu * settings.max_concurrent > gpus:
-            log_line(f"note: search.{stage}.max_concurrent={settings.max_concurrent} trials need "
-                 f"{cpu * settings.max_concurrent:g} CPUs / {gpu * settings.max_concurrent:g} GPUs; the cluster has "
-                 f"{cpus:g} / {gpus:g}, so fewer will run at once")
+        at_once = min(settings.max_concurrent, settings.trial_count())  # a one-trial stage runs one trial
+        if at_once > 1 and (cpu * at_once > cpus or gpu * at_once > gpus):
+            log_line(f"note: search.{stage}.max_concurrent={at_once} trials need {cpu * at_once:g} CPUs / "
+                     f"{gpu * at_once:g} GPUs; the cluster has {cpus:g} / {gpus:g}, so fewer will run at once")
 
 
 # ------------------------------------------------------------------------------------------------ the search folder
