@@ -264,6 +264,23 @@ def test_searcher_is_told_the_fidelity_of_every_score():
     assert trials["crashed"].state == optuna.trial.TrialState.FAIL
 
 
+def test_a_rebuilt_searcher_does_not_enqueue_its_first_points_again(tmp_path):
+    """A resume builds the stage's searcher again on the same journal: the config's point, enqueued when the study
+    was created, must wait there once, not twice (it would run twice)."""
+    from ray import tune
+
+    from ant_ray.search.searchers import build_optuna_search, journal_storage
+
+    for _ in range(2):
+        build_optuna_search(SearcherConfig(), space={"x": tune.uniform(0, 1)}, metric="fid", seed=0,
+                            points_to_evaluate=[{"x": 0.5}], storage_path=tmp_path / "journal.log", study_name="ant",
+                            final_step=10)
+    storage = journal_storage(tmp_path / "journal.log")
+    trials = storage.get_all_trials(storage.get_study_id_from_name("ant"))
+    assert [(t.state, t.params or t.system_attrs.get("fixed_params")) for t in trials] == [
+        (optuna.trial.TrialState.WAITING, {"x": 0.5})]
+
+
 def test_searcher_finds_a_trial_its_pickle_forgot():
     searcher = _searcher()
     searcher.suggest("t1")

@@ -107,10 +107,23 @@ class FidelityAwareOptunaSearch(OptunaSearch):
 def build_optuna_search(settings: SearcherConfig, *, space: dict[str, Any], metric: str, seed: int,
                         points_to_evaluate: list[dict] | None, storage_path: Path, study_name: str,
                         final_step: int, step_key: str = "step") -> FidelityAwareOptunaSearch:
+    storage = journal_storage(storage_path)
+    if _study_exists(storage, study_name):
+        # A resume: the points were enqueued in the journal when the study was created (asked or still waiting
+        # there); enqueuing them again would run them twice.
+        points_to_evaluate = None
     return FidelityAwareOptunaSearch(
         space=space, metric=metric, mode="min", points_to_evaluate=points_to_evaluate or None,
-        sampler=sampler(settings, seed), storage=journal_storage(storage_path), study_name=study_name,
+        sampler=sampler(settings, seed), storage=storage, study_name=study_name,
         final_step=final_step, step_key=step_key)
+
+
+def _study_exists(storage: JournalStorage, study_name: str) -> bool:
+    try:
+        storage.get_study_id_from_name(study_name)
+    except KeyError:
+        return False
+    return True
 
 
 def build_scheduler(name: str, *, metric: str, max_t: int, grace_period: int, reduction_factor: float,
