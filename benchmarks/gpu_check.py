@@ -34,6 +34,7 @@ unimportable, as on the GPU machine: a change that breaks a row fails there, not
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import statistics
@@ -413,10 +414,6 @@ def _pcgrad_gradient(sizes: Sizes, device: torch.device, rank: int, world: int) 
     from ant_ray.diffusion import NoiseSchedule, build_weighting, diffusion_loss
     from ant_ray.mtl import build_mtl_method
 
-    # Full fp32 (no TF32) and one convolution algorithm: the check is equality up to summation order, and TF32's
-    # 10-bit mantissa or another algorithm per batch size would differ by more than that.
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = False, True
     k, batch, T = 5, sizes.ant_batch, 1000
     intervals = interval_clustering(k, "timestep", T=T)
     schedule, weighting = NoiseSchedule.create("linear", T), build_weighting("uniform")
@@ -433,8 +430,24 @@ def _pcgrad_gradient(sizes: Sizes, device: torch.device, rank: int, world: int) 
                          intervals=intervals, micro_batch=batch, grad_clip=None, world_size=world,
                          autocast_dtype=None)
     mine = slice(rank * batch // world, (rank + 1) * batch // world)
-    step(x0[mine].to(device), t[mine].to(device), noise[mine].to(device), cluster_counts(step.cluster_ids(t), k), 0)
+    with _exact_fp32():
+        step(x0[mine].to(device), t[mine].to(device), noise[mine].to(device), cluster_counts(step.cluster_ids(t), k),
+             0)
     return torch.cat([p.grad.flatten() for p in model.parameters()]).cpu()
+
+
+@contextlib.contextmanager
+def _exact_fp32():
+    """Full fp32 (no TF32) and one convolution algorithm, for an equality up to summation order: TF32's 10-bit
+    mantissa or another algorithm per batch size would differ by more. The rows after it keep the defaults."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    before = (cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark, cudnn.deterministic)
+    cudnn.allow_tf32 = matmul.allow_tf32 = cudnn.benchmark = False
+    cudnn.deterministic = True
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32, cudnn.benchmark, cudnn.deterministic = before
 
 
 def _gloo_rank(rank: int, world: int, port: int, sizes: Sizes, device: str, out: str) -> None:
